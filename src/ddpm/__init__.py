@@ -1,0 +1,49 @@
+"""ddpm: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) end to end.
+
+Names are resolved lazily so that ``import ddpm`` (and the CLI's start-up) stays fast and the
+heavy pieces load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "make_beta_schedule": "schedules",
+    "NoiseSchedule": "schedules",
+    "SCHEDULES": "schedules",
+    "q_sample": "diffusion",
+    "q_posterior_mean_variance": "diffusion",
+    "predict_x0_from_eps": "diffusion",
+    "predict_eps_from_x0": "diffusion",
+    "v_from_x0_eps": "diffusion",
+    "x0_eps_from_v": "diffusion",
+    "training_loss": "diffusion",
+    "extract": "diffusion",
+    "sample": "samplers",
+    "SAMPLERS": "samplers",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+    "MLPDenoiser": "mlp",
+    "train": "train",
+    "TrainConfig": "train",
+    "load": "checkpoint",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
