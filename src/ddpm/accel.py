@@ -1,0 +1,174 @@
+"""Fast paths shared by training, sampling and the benchmarks.
+
+Everything here is optional: each function is the identity (or eager execution) when its fast
+path is switched off or unavailable, so callers can pass user flags straight through.
+
+- ``autocast(device, amp)``            bf16 autocast on CUDA and CPU, or a no-op for ``"off"``.
+- ``prepare_model(model, ...)``        channels_last weights and/or ``torch.compile``, in place.
+- ``ema_update(ema, params, decay)``   one fused ``lerp_`` over all tensors (EMA of the weights).
+- ``make_optimizer(params, ...)``      Adam, fused kernel on CUDA and multi-tensor (foreach) elsewhere.
+- ``GraphedModel(model)``              CUDA-graph replay of ``model(x_t, t)`` for sampling loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+Amp = Literal["off", "bf16"]
+AMP_MODES = ("off", "bf16")
+
+
+def _device_type(device: str | torch.device) -> str:
+    return torch.device(device).type
+
+
+def autocast(device: str | torch.device, amp: Amp = "off") -> contextlib.AbstractContextManager:
+    """Context manager running matmuls/convolutions in bfloat16 under ``amp="bf16"``.
+
+    bf16 keeps float32's exponent range, so unlike fp16 no loss scaling is needed. Parameters,
+    gradients and optimizer state stay float32; only the activations of autocast-eligible ops are
+    bf16. ``"off"`` gives a ``nullcontext``. Works for ``cuda`` and ``cpu`` (on CPUs without
+    native bf16 it is correct but slow).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_MODES)}")
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device_type(device), dtype=torch.bfloat16)
+
+
+def prepare_model(
+    model: nn.Module,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
+) -> nn.Module:
+    """Apply the chosen fast paths to ``model`` in place and return it.
+
+    ``channels_last`` stores 4-D conv weights as NHWC, which cuDNN and oneDNN convolve fastest
+    (tensor cores want channels innermost); activations follow the weights' layout. ``compile``
+    uses ``nn.Module.compile`` (in place), so ``state_dict()`` keys keep their names, unlike the
+    ``_orig_mod.`` wrapper that ``torch.compile(model)`` returns. ``compile_mode`` is passed to
+    torch.compile (e.g. ``"max-autotune"``; leave ``"reduce-overhead"`` out when the model is
+    also wrapped in ``GraphedModel``).
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile(mode=compile_mode)
+    return model
+
+
+@torch.no_grad()
+def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param for every pair, in one multi-tensor kernel.
+
+    ``lerp_(ema, param, w)`` computes ``ema + w * (param - ema)``, which equals the EMA update
+    with ``w = 1 - decay``. Tensors are paired in order; shapes, dtypes and devices must match.
+    """
+    ema_list = [p.detach() if isinstance(p, nn.Parameter) else p for p in ema_params]
+    param_list = [p.detach() for p in params]
+    if len(ema_list) != len(param_list):
+        raise ValueError(f"ema_update: {len(ema_list)} EMA tensors for {len(param_list)} parameters")
+    if ema_list:
+        torch._foreach_lerp_(ema_list, param_list, 1.0 - float(decay))
+
+
+def make_optimizer(
+    params: Iterable[torch.Tensor],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """Adam (AdamW when ``weight_decay > 0``): fused kernel when every parameter is on CUDA,
+    multi-tensor ``foreach`` otherwise. Both are numerically the textbook update."""
+    params = [p for p in params if p.requires_grad]
+    cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if params and all(p.is_cuda for p in params):
+        return cls(params, fused=True, **kwargs)
+    return cls(params, foreach=True, **kwargs)
+
+
+def _autocast_state(device_type: str) -> tuple:
+    try:
+        return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    except TypeError:  # torch < 2.4: no per-device query
+        return (torch.is_autocast_enabled(), None)
+
+
+class GraphedModel(nn.Module):
+    """Wrap ``model(x_t, t)`` so that on CUDA each new (shape, dtype, autocast) signature is
+    captured once into a CUDA graph and replayed afterwards; on CPU it simply calls the model.
+
+    A sampling step launches hundreds of small kernels; replaying a graph launches them with one
+    host call, so the GPU never waits for Python. Usable by every sampler (it is a callable with
+    the model's signature). Constraints of graph replay:
+
+    - inference only: capture and replay run under ``torch.no_grad()``; outputs carry no grad;
+    - the autocast mode active at the first call of a signature is baked into its graph (the
+      autocast state is part of the cache key, so switching mode captures a new graph);
+    - inputs are copied into static buffers, so any tensors with the captured shape may be passed;
+    - ``clone_output=True`` (default) returns a fresh tensor; with ``False`` the returned tensor
+      is the graph's static output, overwritten by the next call with the same signature — only
+      safe when the caller consumes it before calling again (all samplers here do).
+    - the model's weights must not be reassigned (in-place updates are fine: the graph reads
+      the same storage).
+    """
+
+    def __init__(self, model: nn.Module, *, warmup: int = 3, clone_output: bool = True):
+        super().__init__()
+        self.model = model
+        self.warmup = warmup
+        self.clone_output = clone_output
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+
+    def __getattr__(self, name: str):
+        # Let callers read attributes such as ``config`` of the wrapped model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return self.model(x, t)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device, x.is_contiguous(), _autocast_state("cuda"))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(x, t)
+            self._graphs[key] = entry
+        graph, static_x, static_t, static_out = entry
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_out.clone() if self.clone_output else static_out
+
+    @torch.no_grad()
+    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> tuple:
+        static_x, static_t = x.clone(), t.clone()
+        # Warm up on a side stream (cuDNN autotuning, lazy init, torch.compile) before capture,
+        # as the CUDA-graph docs require.
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.model(static_x, static_t)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self.model(static_x, static_t)
+        return graph, static_x, static_t, static_out
+
+    def reset(self) -> None:
+        """Drop all captured graphs (e.g. after replacing the model's parameter tensors)."""
+        self._graphs.clear()
