@@ -71,12 +71,20 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     signal. An eps-predicting model cannot recover x0 at that step (1/sqrt(abar_T) is infinite):
     use ``prediction="v"`` with it.
     """
+    betas = np.asarray(betas, dtype=np.float64)
     sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
     first, last = sqrt_ab[0], sqrt_ab[-1]
+    if not first > last:
+        # T = 1 or beta_0 = 1: there is no interval of SNR to stretch (the scale would be 0/0).
+        raise ValueError(
+            f"cannot rescale to zero terminal SNR: need abar_0 > abar_T, got {first**2!r} and {last**2!r}"
+        )
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     ab = sqrt_ab**2
     alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return 1.0 - alphas
+    out = 1.0 - alphas
+    out[0] = betas[0]  # abar_0 is kept by construction; keep it bit for bit despite rounding
+    return out
 
 
 class NoiseSchedule:
@@ -112,12 +120,14 @@ class NoiseSchedule:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {tuple(betas.shape)}")
         if num_timesteps is not None and betas.size != num_timesteps:
             raise ValueError(f"betas has length {betas.size}, expected num_timesteps={num_timesteps}")
-        if not np.all(np.isfinite(betas)):
-            raise ValueError(f"betas contain NaN or inf at index {int(np.flatnonzero(~np.isfinite(betas))[0])}")
-        bad = np.flatnonzero((betas <= 0) | (betas > 1))
+        # NaN compares False with everything, so test for it explicitly; a beta so small that
+        # 1 - beta rounds to 1 would make 1 - abar_0 = 0 and the t=0 terms 0/0.
+        bad = np.flatnonzero(~np.isfinite(betas) | (betas <= 0) | (betas > 1) | (1.0 - betas == 1.0))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"betas must lie in (0, 1]; betas[{i}] = {betas[i]!r}")
+            raise ValueError(
+                f"betas must lie in (0, 1] with 1 - beta < 1 in float64; betas[{i}] = {float(betas[i])!r}"
+            )
         if rescale_to_zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.name = name
