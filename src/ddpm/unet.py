@@ -1,0 +1,473 @@
+"""The noise-prediction U-Net of Ho et al. (2020), Appendix B.
+
+A PixelCNN++-style U-Net (the reference is ``diffusion_tf/models/unet.py`` of
+hojonathanho/diffusion): wide ResNet blocks with GroupNorm and SiLU, the sinusoidal timestep
+embedding of the Transformer passed through a two-layer MLP and added inside every block,
+single-head self-attention at chosen resolutions, dropout, channel multipliers per level,
+skip connections from every block of the down path to the up path, and conv resampling.
+
+It knows nothing of diffusion: ``UNet(config)(x, t)`` maps images ``x`` of shape (B, C, H, W)
+and timesteps ``t`` of shape (B,) to a tensor of shape (B, out_channels, H, W).
+
+Numerics follow the TF reference (and diffusers' UNet2DModel in the google/ddpm-cifar10-32
+layout, which ``UNet.from_diffusers`` converts exactly): GroupNorm eps 1e-6; the downsampling
+conv pads only right and bottom before a stride-2 "valid" 3x3 conv; the timestep embedding is
+[sin, cos] with frequencies exp(-log(10000) * i / (half - 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of a :class:`UNet` (saved in checkpoints; lists are turned into tuples).
+
+    ``attn_resolutions`` are feature-map sizes (e.g. 16 means the 16x16 level of a 32x32 model).
+    ``out_channels`` defaults to ``in_channels`` (twice that for a learned variance).
+    ``norm_groups`` is the GroupNorm group count (32 in the paper); every channel count of the
+    network must be divisible by it, so small models use fewer groups.
+    """
+
+    in_channels: int = 3
+    out_channels: int | None = None
+    image_size: int = 32
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_heads: int = 1
+    resamp_with_conv: bool = True
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    mid_attn: bool = True
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        for name in ("in_channels", "out_channels", "image_size", "ch", "num_res_blocks", "num_heads", "norm_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"UNetConfig.ch_mult must be a non-empty tuple of positive integers, got {self.ch_mult}")
+        if self.ch % 2 or self.ch < 4:
+            raise ValueError(f"UNetConfig.ch must be even and >= 4 (sinusoidal embedding of size ch), got {self.ch}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"UNetConfig.image_size={self.image_size} must be divisible by 2**(len(ch_mult)-1)={factor} "
+                f"(ch_mult={self.ch_mult} downsamples {len(self.ch_mult) - 1} times)"
+            )
+        resolutions = self.resolutions
+        for r in self.attn_resolutions:
+            if r not in resolutions:
+                raise ValueError(
+                    f"UNetConfig.attn_resolutions contains {r}, which is not a resolution of this network; "
+                    f"allowed: {resolutions}"
+                )
+        for c in sorted({self.ch * m for m in self.ch_mult} | {self.ch}):
+            if c % self.norm_groups:
+                raise ValueError(
+                    f"UNetConfig: {c} channels are not divisible by norm_groups={self.norm_groups}; "
+                    f"pick norm_groups dividing ch={self.ch} times every ch_mult"
+                )
+            attn_here = self.attn_resolutions or self.mid_attn
+            if attn_here and c % self.num_heads:
+                raise ValueError(f"UNetConfig: {c} channels are not divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size of each level, from the input down."""
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # The paper's CIFAR-10 model: 35.7M parameters.
+    "cifar10": UNetConfig(3, 3, 32, 128, (1, 2, 2, 2), 2, (16,), 0.1),
+    # The paper's CelebA-HQ / LSUN 256x256 model: about 114M parameters (dropout 0 there).
+    "celebahq256": UNetConfig(3, 3, 256, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0),
+    # Small enough to train on a laptop CPU in minutes: 28 -> 14 -> 7, attention at 7x7.
+    # No dropout: a short run underfits rather than overfits.
+    "mnist": UNetConfig(1, 1, 28, 32, (1, 2, 2), 2, (7,), 0.0, norm_groups=8),
+    # For tests: one block per level, a forward pass takes milliseconds.
+    "tiny": UNetConfig(3, 3, 16, 32, (1, 2), 1, (8,), 0.0, norm_groups=8),
+}
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    # In place when no graph is recorded (sampling); under autograd an in-place SiLU would
+    # make autograd save a copy of its input anyway, so it gains nothing there.
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def timestep_frequencies(dim: int) -> torch.Tensor:
+    """The ``dim // 2`` frequencies of get_timestep_embedding: exp(-log(10000) * i / (half - 1))."""
+    half = dim // 2
+    return torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+
+
+def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, 2 * len(freqs)) as [sin(t f), cos(t f)], in float32."""
+    args = t.to(torch.float32)[:, None] * freqs.to(torch.float32)[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """Wide ResNet block: GN, SiLU, conv, + dense(SiLU(temb)), GN, SiLU, dropout, conv; 1x1 skip."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.dropout = dropout
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_silu(self.norm1(x)))
+        # Timestep conditioning: a per-channel bias. In place is safe: conv backward does not
+        # need its output.
+        h.add_(self.temb_proj(temb_act)[:, :, None, None])
+        h = _silu(self.norm2(h))
+        if self.dropout > 0 and self.training:
+            h = F.dropout(h, self.dropout, training=True)
+        h = self.conv2(h)
+        return h.add_(x if self.skip is None else self.skip(x))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions (one head in the paper), with a residual."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.qkv = nn.Linear(channels, 3 * channels)  # fused q, k, v projections (1x1 convs)
+        self.proj_out = nn.Linear(channels, channels)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        nh = self.num_heads
+        # (B, C, H, W) -> (B, HW, C): free for channels_last input, one copy otherwise.
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        q, k, v = self.qkv(h).view(B, H * W, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C / nh)) v
+        a = self.proj_out(a.transpose(1, 2).reshape(B, H * W, C))
+        # x first: the sum takes x's memory format.
+        return x + a.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad right/bottom by one, then a stride-2 3x3 conv (as the TF reference)."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: res blocks, optional attention after each, resampler."""
+
+    def __init__(self, res: list[ResBlock], attn: list[AttnBlock], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The paper's U-Net. ``forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W)``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet expects a UNetConfig, got {type(config).__name__}")
+        self.config = c = config
+        ch, temb_dim, g, eps = c.ch, 4 * c.ch, c.norm_groups, c.norm_eps
+
+        def res(ci: int, co: int) -> ResBlock:
+            return ResBlock(ci, co, temb_dim, c.dropout, g, eps)
+
+        def attn(channels: int) -> AttnBlock:
+            return AttnBlock(channels, c.num_heads, g, eps)
+
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("time_freqs", timestep_frequencies(ch), persistent=False)
+        self.temb_dense0 = nn.Linear(ch, temb_dim)
+        self.temb_dense1 = nn.Linear(temb_dim, temb_dim)
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+
+        # Down path; remember the channels of every tensor pushed onto the skip stack.
+        skip_ch, c_cur, n = [ch], ch, len(c.ch_mult)
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(c.ch_mult):
+            with_attn = c.resolutions[i] in c.attn_resolutions
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(res(c_cur, ch * mult))
+                c_cur = ch * mult
+                if with_attn:
+                    attns.append(attn(c_cur))
+                skip_ch.append(c_cur)
+            down = Downsample(c_cur, c.resamp_with_conv) if i != n - 1 else None
+            if down is not None:
+                skip_ch.append(c_cur)
+            self.down.append(Level(blocks, attns, down))
+
+        self.mid_res1 = res(c_cur, c_cur)
+        self.mid_attn = attn(c_cur) if c.mid_attn else None
+        self.mid_res2 = res(c_cur, c_cur)
+
+        # Up path, deepest level first; each block eats one skip tensor.
+        self.up = nn.ModuleList()
+        for i in reversed(range(n)):
+            with_attn = c.resolutions[i] in c.attn_resolutions
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(res(c_cur + skip_ch.pop(), ch * c.ch_mult[i]))
+                c_cur = ch * c.ch_mult[i]
+                if with_attn:
+                    attns.append(attn(c_cur))
+            self.up.append(Level(blocks, attns, Upsample(c_cur, c.resamp_with_conv) if i != 0 else None))
+
+        self.norm_out = nn.GroupNorm(g, c_cur, eps=eps)
+        self.conv_out = nn.Conv2d(c_cur, c.out_channels, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The TF reference's init: fan-avg uniform weights, zero biases, and zero for the last
+        layer of each residual branch and of the network (each block starts as the identity)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        zero = [self.conv_out] + [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj_out for m in self.modules() if isinstance(m, AttnBlock)]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> UNet:
+        """Build a preset (``cifar10``, ``celebahq256``, ``mnist``, ``tiny``) with field overrides.
+
+        Overriding ``image_size`` alone keeps attention at the same levels (e.g. ``cifar10`` at
+        64x64 attends at 32x32)."""
+        return cls(preset_config(name, **overrides))
+
+    @classmethod
+    def from_diffusers(cls, model_or_state_dict, config: UNetConfig | None = None, *, image_size: int | None = None) -> UNet:
+        """Convert a diffusers ``UNet2DModel`` in the DDPM layout (google/ddpm-cifar10-32) or its
+        state dict into a UNet computing the same function.
+
+        Without ``config`` the architecture is read from the model's config, or inferred from the
+        state dict's shapes (then ``image_size`` defaults to 32, dropout to 0, norm groups to 32).
+        Options of diffusers that this network does not implement raise ValueError, and so do
+        missing, unexpected or mis-shaped weights.
+        """
+        sd, inferred = _diffusers_state_and_config(model_or_state_dict, image_size)
+        model = cls(config if config is not None else inferred)
+        model.load_state_dict(_convert_diffusers_state_dict(sd, model.state_dict()))
+        return model
+
+    def _check_inputs(self, x: torch.Tensor, t) -> torch.Tensor:
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] != c.image_size or x.shape[3] != c.image_size:
+            raise ValueError(
+                f"UNet expects x of shape (B, {c.in_channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}"
+            )
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"UNet expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = self._check_inputs(x, t)
+        freqs = self.time_freqs
+        if freqs.dtype != torch.float32:  # the model was cast (e.g. .to(bfloat16)): recompute exactly
+            freqs = timestep_frequencies(self.config.ch).to(x.device)
+        # Timestep embedding, MLP, and the SiLU every block applies before its projection.
+        temb = self.temb_dense0(timestep_embedding(t, freqs).to(self.temb_dense0.weight.dtype))
+        temb_act = F.silu(self.temb_dense1(F.silu(temb)))
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for i, block in enumerate(level.res):
+                h = block(h, temb_act)
+                if len(level.attn):
+                    h = level.attn[i](h)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+
+        h = self.mid_res1(h, temb_act)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid_res2(h, temb_act)
+
+        for level in self.up:
+            for i, block in enumerate(level.res):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb_act)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        h = self.conv_out(_silu(self.norm_out(h)))
+        return h.to(x.dtype)
+
+
+def preset_config(name: str, **overrides) -> UNetConfig:
+    """The :data:`PRESETS` entry ``name`` with fields replaced by ``overrides`` (validated)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; allowed: {sorted(PRESETS)}")
+    base = PRESETS[name]
+    known = {f.name for f in fields(UNetConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown UNetConfig fields {unknown}; allowed: {sorted(known)}")
+    if "image_size" in overrides and "attn_resolutions" not in overrides:
+        # Keep attention at the same levels of the new size.
+        levels = [int(math.log2(base.image_size // r)) for r in base.attn_resolutions]
+        overrides["attn_resolutions"] = tuple(int(overrides["image_size"]) // 2**lv for lv in levels)
+    if "in_channels" in overrides and "out_channels" not in overrides:
+        overrides["out_channels"] = None  # follow in_channels
+    return replace(base, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers UNet2DModel (DDPM layout) -> UNet. Same computation; names differ and q, k, v are fused.
+
+# diffusers option -> the only value this network reproduces.
+_DIFFUSERS_REQUIRED = {
+    "time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
+    "downsample_padding": 0, "resnet_time_scale_shift": "default", "act_fn": "silu",
+    "center_input_sample": False, "mid_block_scale_factor": 1, "class_embed_type": None,
+    "num_class_embeds": None, "downsample_type": "conv", "upsample_type": "conv",
+}
+_DIFFUSERS_RENAMES = [  # (diffusers fragment, ours), applied in order
+    ("time_embedding.linear_1.", "temb_dense0."), ("time_embedding.linear_2.", "temb_dense1."),
+    ("down_blocks.", "down."), ("up_blocks.", "up."), ("resnets.", "res."), ("attentions.", "attn."),
+    ("downsamplers.0.", "resample."), ("upsamplers.0.", "resample."),
+    ("mid_block.res.0.", "mid_res1."), ("mid_block.res.1.", "mid_res2."), ("mid_block.attn.0.", "mid_attn."),
+    ("time_emb_proj.", "temb_proj."), ("conv_shortcut.", "skip."), ("group_norm.", "norm."),
+    ("to_out.0.", "proj_out."), ("proj_attn.", "proj_out."), ("conv_norm_out.", "norm_out."),
+]
+_QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "query": 0, "key": 1, "value": 2}  # new and deprecated names
+
+
+def _diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> tuple[dict, UNetConfig]:
+    if isinstance(model_or_state_dict, nn.Module):
+        sd, dc = model_or_state_dict.state_dict(), dict(model_or_state_dict.config)
+        for key, want in _DIFFUSERS_REQUIRED.items():
+            if key in dc and dc[key] != want and not (key == "mid_block_scale_factor" and float(dc[key]) == 1.0):
+                raise ValueError(f"from_diffusers: {key}={dc[key]!r} is not the DDPM layout; only {want!r} is supported")
+        heads = {1}
+        if dc.get("attention_head_dim") is not None:  # diffusers: heads = channels // attention_head_dim
+            heads = {c // dc["attention_head_dim"] for c in dc["block_out_channels"]}
+        if len(heads) != 1 or dc.get("attn_norm_num_groups") is not None:
+            raise ValueError("from_diffusers: attention_head_dim must give the same head count at every level, "
+                             "and attn_norm_num_groups must be None")
+        image_size = image_size or int(dc["sample_size"] if isinstance(dc["sample_size"], int) else dc["sample_size"][0])
+        extra = {"dropout": float(dc.get("dropout", 0.0)), "norm_groups": int(dc["norm_num_groups"]), "norm_eps": float(dc["norm_eps"]),
+                 "num_heads": heads.pop()}
+    elif isinstance(model_or_state_dict, dict):
+        sd, extra = model_or_state_dict, {"dropout": 0.0}
+    else:
+        raise TypeError(f"from_diffusers expects a diffusers UNet2DModel or its state dict, got {type(model_or_state_dict).__name__}")
+    try:  # the architecture, read from the weights' shapes
+        ch, in_channels = sd["conv_in.weight"].shape[:2]
+        n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
+        boc = [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n)]
+        blocks = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))
+        out_channels = sd["conv_out.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"from_diffusers: not a UNet2DModel state dict in the DDPM layout (missing {e})") from None
+    if any(c % ch for c in boc):
+        raise ValueError(f"from_diffusers: block_out_channels {boc} are not multiples of the first ({ch})")
+    image_size = image_size or 32
+    attn = tuple(image_size // 2**i for i in range(n) if any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd))
+    config = UNetConfig(
+        int(in_channels), int(out_channels), image_size, int(ch), tuple(c // ch for c in boc), blocks, attn,
+        mid_attn=any(k.startswith("mid_block.attentions.") for k in sd), **extra,
+    )
+    return sd, config
+
+
+def _convert_diffusers_state_dict(sd: dict, ours: dict) -> dict:
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        new = key
+        for a, b in _DIFFUSERS_RENAMES:
+            new = new.replace(a, b)
+        parts = new.split(".")
+        if len(parts) >= 2 and parts[-2] in _QKV:  # ....attn.j.to_q.weight -> ....attn.j.qkv.weight
+            qkv.setdefault(".".join(parts[:-2] + ["qkv", parts[-1]]), [None] * 3)[_QKV[parts[-2]]] = value
+            continue
+        if new not in ours:
+            raise ValueError(f"from_diffusers: unexpected weight {key!r} (not part of the DDPM layout)")
+        out[new] = value
+    for new, (q, k, v) in qkv.items():
+        if q is None or k is None or v is None:
+            raise ValueError(f"from_diffusers: incomplete q/k/v projections for {new!r}")
+        # Deprecated checkpoints store these as 1x1 convs; a linear layer needs (out, in).
+        out[new] = torch.cat([w.reshape(w.shape[0], -1) if w.dim() > 2 else w for w in (q, k, v)], dim=0)
+    for new, value in list(out.items()):
+        if new not in ours:
+            raise ValueError(f"from_diffusers: unexpected weight {new!r} (not part of the DDPM layout)")
+        if new.endswith("proj_out.weight") and value.dim() > 2:
+            out[new] = value = value.reshape(value.shape[0], -1)
+        if tuple(value.shape) != tuple(ours[new].shape):
+            raise ValueError(f"from_diffusers: {new!r} has shape {tuple(value.shape)}, expected {tuple(ours[new].shape)}")
+    missing = sorted(set(ours) - set(out))
+    if missing:
+        raise ValueError(f"from_diffusers: missing weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
