@@ -50,8 +50,20 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def check_timesteps(schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor) -> None:
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+    """Refuse a ``t`` that is not an integer tensor of shape (B,) with values in 0..T-1.
+
+    The range is checked only for CPU tensors: on an accelerator it would cost a host sync.
+    """
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != x.shape[0]:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape (B,) = ({x.shape[0]},), got {shape}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"t must hold integer timesteps (torch.long), got dtype {t.dtype}")
+    if t.device.type == "cpu" and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= schedule.num_timesteps:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"timestep {bad} out of range; t must lie in 0..{schedule.num_timesteps - 1}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +117,14 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
 
 
 def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
+
+    Written without 1/sqrt(abar_t) (unlike improved-diffusion) so that it stays finite at a
+    zero-terminal-SNR step, where abar_T = 0 and eps = x_T.
+    """
     dt = _work_dtype(x_t)
-    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape, dt) * x_t - x0) / extract(
-        schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape, dt
+    return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.shape, dt) * x0) / extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape, dt
     )
 
 
@@ -170,6 +186,8 @@ def training_loss(
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("reduction", reduction, ("mean", "none"))
+    if not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
     if x0.ndim < 2:
         raise ValueError(f"x0 must have shape (B, ...), got {tuple(x0.shape)}")
     B = x0.shape[0]
@@ -192,16 +210,19 @@ def training_loss(
         target = x0
     else:
         target = v_from_x0_eps(schedule, x0, noise, t).to(x0.dtype)
-    per_example = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
+    dt = _work_dtype(x0)  # float32 at least, even for a bf16 network
+    per_example = F.mse_loss(output.to(dt), target.to(dt), reduction="none").flatten(1).mean(1)
     if weighting == "min_snr":
-        snr = extract(schedule.snr(), t, (B,), torch.float32)
-        clipped = snr.clamp(max=min_snr_gamma)
+        # Hang et al. 2023: weight min(SNR, gamma) on the x0-space error. Since
+        # ||eps - eps^||^2 = SNR ||x0 - x0^||^2 and ||v - v^||^2 = (SNR + 1) ||x0 - x0^||^2,
+        # the eps and v losses are weighted by min(SNR, gamma)/SNR and min(SNR, gamma)/(SNR + 1).
+        snr = extract(schedule.snr(), t, (B,), dt)
         if prediction == "eps":
-            weight = clipped / snr
+            weight = (min_snr_gamma / snr).clamp(max=1.0)  # = min(SNR, gamma)/SNR, and 1 at SNR = 0
         elif prediction == "x0":
-            weight = clipped
+            weight = snr.clamp(max=min_snr_gamma)
         else:
-            weight = clipped / (snr + 1)
+            weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
         per_example = per_example * weight
     return per_example.mean() if reduction == "mean" else per_example
 
@@ -231,6 +252,9 @@ def p_mean_variance(
     is applied. Returns (mean, variance, log_variance, x0_pred).
     """
     check_choice("variance", variance, VARIANCES)
+    check_choice("prediction", prediction, PREDICTIONS)
+    if output.shape != x_t.shape:
+        raise ValueError(f"model output shape {tuple(output.shape)} does not match x_t shape {tuple(x_t.shape)}")
     x0, _ = x0_eps_from_output(schedule, x_t, t, output, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
