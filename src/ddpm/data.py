@@ -206,8 +206,8 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None
     if key not in _MNIST_CACHE:
         sums = _read_sha256sums(root)
         image_file, label_file = MNIST_FILES[split]
+        labels = _read_idx(root / label_file, sums.get(label_file), 0x0801)  # small: fail fast
         images = _read_idx(root / image_file, sums.get(image_file), 0x0803)
-        labels = _read_idx(root / label_file, sums.get(label_file), 0x0801)
         if images.shape[0] != labels.shape[0]:
             raise UserError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
         _MNIST_CACHE[key] = (torch.from_numpy(images.copy()).unsqueeze(1),
