@@ -98,23 +98,23 @@ class ImageSource(Dataset):
 def _fit_square(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, size, size): shorter side resized to ``size``, then centre-cropped.
 
-    Resizing uses antialiased bilinear interpolation on float32 values; uint8 input comes back
-    rounded to uint8 so that large data sets stay compact in memory.
+    Resizing uses antialiased bilinear interpolation on float32 values, in chunks so that a whole
+    data set never exists in float32 at the new size; uint8 input comes back rounded to uint8 so
+    that large data sets stay compact in memory.
     """
     n, c, h, w = x.shape
-    if (h, w) != (size, size):
-        was_uint8 = x.dtype == torch.uint8
-        if min(h, w) != size:
-            scale = size / min(h, w)
-            new_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
-            x = F.interpolate(x.to(torch.float32), size=new_hw, mode="bilinear",
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        new_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
+        chunks = []
+        for part in x.split(1024):
+            y = F.interpolate(part.to(torch.float32), size=new_hw, mode="bilinear",
                               antialias=True, align_corners=False)
-            h, w = new_hw
-        top, left = (h - size) // 2, (w - size) // 2
-        x = x[:, :, top:top + size, left:left + size]
-        if was_uint8 and x.dtype != torch.uint8:
-            x = x.round().clamp(0, 255).to(torch.uint8)
-    return x.contiguous()
+            chunks.append(y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y)
+        x = torch.cat(chunks)
+        h, w = new_hw
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[:, :, top:top + size, left:left + size].contiguous()
 
 
 def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -345,8 +345,6 @@ class FolderSource(Dataset):
     kind = "image"
 
     def __init__(self, directory: str, image_size: int | None = None, channels: int | None = None):
-        from PIL import Image
-
         root = Path(directory).expanduser()
         if not root.is_dir():
             raise UserError(f"image folder {directory} does not exist" if not root.exists()
@@ -365,7 +363,6 @@ class FolderSource(Dataset):
                 # Grey-level modes ("1", "L", "LA", "I", "I;16", "F") give 1 channel, others 3.
                 channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
         self._mode = "L" if channels == 1 else "RGB"
-        self._image_module = Image
         self.image_size = int(image_size)
         self.name = f"folder:{directory}"
         self.shape = (channels, self.image_size, self.image_size)
@@ -522,9 +519,11 @@ def open_source(spec: str, *, image_size: int | None = None, channels: int | Non
     if scheme not in SCHEMES:
         raise UserError(f"unknown data source {spec!r}; use one of mnist, cifar10:DIR, "
                         "folder:DIR, npz:FILE, toy:NAME")
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size
-                                   or image_size < 1):
-        raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, float, np.integer)) \
+                or int(image_size) != image_size or image_size < 1:
+            raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+        image_size = int(image_size)
     if channels not in (None, 1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels!r}")
     if scheme == "toy":
