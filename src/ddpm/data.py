@@ -44,7 +44,7 @@ from .toy import TOY_SETS, check_toy, toy_log_density, toy_sample
 
 __all__ = [
     "SCHEMES", "TOY_SETS", "open_source", "load_mnist", "random_hflip", "toy_sample",
-    "toy_log_density", "ImageSource", "FolderSource", "ToySource",
+    "toy_log_density", "check_toy", "ImageSource", "FolderSource", "ToySource",
 ]
 
 SCHEMES = ("mnist", "cifar10", "folder", "npz", "toy")

@@ -48,6 +48,8 @@ def _gm_means() -> torch.Tensor:
 def toy_sample(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` fresh draws (n, 2) float32 from toy set ``name``, standardized as the data set is."""
     check_toy(name)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
 
     def rand(*shape):
         return torch.rand(*shape, generator=generator, dtype=torch.float64)
