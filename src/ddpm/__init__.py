@@ -31,6 +31,16 @@ _EXPORTS = {
     "train": "train",
     "TrainConfig": "train",
     "load": "checkpoint",
+    "open_source": "data",
+    "toy_sample": "data",
+    "toy_log_density": "data",
+    "TOY_SETS": "data",
+    "save_grid": "viz",
+    "to_uint8": "viz",
+    "save_scatter": "viz",
+    "save_trajectory_strip": "viz",
+    "plot_schedules": "viz",
+    "schedule_table": "viz",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
