@@ -109,7 +109,11 @@ def q_posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: to
 # ---------------------------------------------------------------------------------------------
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    """Invert eq. 4: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
+
+    Undefined where abar_t = 0 (the last step of a zero-terminal-SNR schedule): eps carries no
+    information about x0 there, so such schedules need the x0 or v parametrisation.
+    """
     dt = _work_dtype(x_t)
     return extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape, dt) * x_t - extract(
         schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape, dt
