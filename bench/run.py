@@ -1,0 +1,264 @@
+"""Ours vs diffusers on the paper's CIFAR-10 U-Net, same weights, same process, same inputs.
+
+    python bench/run.py --device cpu [--quick]
+    python bench/run.py --device cuda --json OUT.json --budget-s 330
+
+Prints a table and rewrites this device's section of docs/benchmarks.md (``--doc``). Contestants
+of one workload are timed in alternation (A B A B ...) and report medians; see bench/timing.py.
+``--quick`` shrinks the CPU workloads (batch 2, DDIM-5, two repetitions) to smoke-test the harness
+in a couple of minutes; its numbers are not the ones to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cases  # noqa: E402
+import timing  # noqa: E402
+from cases import Mode  # noqa: E402
+from models import model_pair  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Workload:
+    name: str  # train | step | ddim | ancestral
+    batch: int
+    steps: int = 1  # model calls per unit of work
+    reps: int = 3
+    warmup: int = 1
+    diffusers_steps: int | None = None  # time fewer diffusers steps and extrapolate
+    contestants: list[tuple[str, str, Mode]] = field(default_factory=list)  # (key, side, mode)
+
+    @property
+    def title(self) -> str:
+        return {
+            "train": f"training step, batch {self.batch}",
+            "step": f"one sampling step, batch {self.batch}",
+            "ddim": f"DDIM-{self.steps} run, batch {self.batch}",
+            "ancestral": f"{self.steps}-step ancestral run, batch {self.batch}",
+        }[self.name]
+
+
+def plan(device: torch.device, quick: bool) -> list[Workload]:
+    if device.type == "cpu":
+        d32, o32 = ("diffusers", "diffusers", Mode()), ("ours", "ours", Mode())
+        obf = ("ours-bf16", "ours", Mode(amp="bf16"))
+        dbf = ("diffusers-bf16", "diffusers", Mode(amp="bf16"))
+        base = [d32, o32, obf] if quick else [d32, o32, obf, dbf]
+        b = 2 if quick else 8
+        reps = 2 if quick else 5
+        return [
+            Workload("train", b, reps=reps, contestants=base),
+            Workload("step", b, reps=reps, contestants=base),
+            Workload("ddim", b, steps=5 if quick else 50, reps=1, warmup=0 if not quick else 1,
+                     contestants=[d32, o32, obf]),
+        ]
+    # CUDA: both sides in their best mode; diffusers also eager bf16 for the long ancestral run.
+    dbest = ("diffusers-best", "diffusers", Mode("bf16", True, True, False, True))
+    obest = ("ours-best", "ours", Mode("bf16", True, True, True, True))
+    oeager = ("ours-graphs-eager", "ours", Mode("bf16", True, False, True, True))
+    deager = ("diffusers-eager-bf16", "diffusers", Mode("bf16"))
+    return [
+        Workload("train", 512, reps=5, warmup=3, contestants=[dbest, obest]),
+        Workload("ancestral", 256, steps=1000, reps=1, warmup=0, diffusers_steps=100,
+                 contestants=[obest, deager, dbest, oeager]),
+        Workload("train", 128, reps=5, warmup=3, contestants=[dbest, obest]),
+        Workload("ddim", 256, steps=50, reps=3, warmup=1, contestants=[dbest, obest, deager, oeager]),
+        Workload("step", 256, reps=5, warmup=3, contestants=[dbest, obest, deager, oeager]),
+    ]
+
+
+def build(w: Workload, side: str, mode: Mode, models: dict, device: torch.device):
+    model = models[side]
+    if w.name == "train":
+        return cases.train_step(side, model, mode, w.batch, device)
+    if w.name == "step":
+        return cases.sample_step(side, model, mode, w.batch, device)
+    sampler = "ddim" if w.name == "ddim" else "ddpm"
+    model_steps = w.diffusers_steps if side == "diffusers" else None
+    return cases.sample_run(side, model, mode, w.batch, device, sampler=sampler, steps=w.steps, model_steps=model_steps)
+
+
+def measure(w: Workload, models: dict, device: torch.device, flops: dict, peak_tflops: float | None) -> list[dict]:
+    fns, rows = {}, []
+    for key, side, mode in w.contestants:
+        row = {"workload": w.title, "kind": w.name, "batch": w.batch, "steps": w.steps, "key": key, "side": side, "mode": mode.label()}
+        try:
+            fns[key] = build(w, side, mode, models, device)
+        except Exception as e:  # a mode this torch/device cannot do: report it, keep the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+    if not fns:
+        return rows
+    try:
+        seconds = timing.interleaved(fns, device, reps=w.reps, warmup=w.warmup)
+    except Exception as e:
+        for row in rows:
+            row.setdefault("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return rows
+    for row in rows:
+        if row["key"] not in seconds:
+            continue
+        s = seconds[row["key"]]
+        if w.diffusers_steps and row["side"] == "diffusers":
+            row["extrapolated_from_steps"] = w.diffusers_steps
+            s *= w.steps / w.diffusers_steps
+        row["seconds"] = s
+        row["images_per_s"] = w.batch / s
+        mem, what = timing.peak_memory(fns[row["key"]], device)
+        row["peak_mem_mib"] = None if mem is None else mem / 2**20
+        row["mem_kind"] = what
+        per_image = flops["train"] if w.name == "train" else flops["forward"] * w.steps
+        if peak_tflops:
+            row["mfu"] = row["images_per_s"] * per_image / (peak_tflops * 1e12)
+    return rows
+
+
+def count_model_flops(models: dict, device: torch.device) -> dict:
+    model = models["ours"].to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    t = torch.full((2,), 500, dtype=torch.long, device=device)
+    forward = timing.count_flops(lambda: model(x, t)) / 2
+    train = timing.count_flops(lambda: model(x, t).square().mean().backward()) / 2
+    model.zero_grad(set_to_none=True)
+    models["ours"] = model.cpu()
+    return {"forward": forward, "train": train}
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """One line per workload: each 'ours' contestant's speed over each diffusers contestant's."""
+    out = []
+    by_workload: dict[str, list[dict]] = {}
+    for r in rows:
+        if "seconds" in r:
+            by_workload.setdefault(r["workload"], []).append(r)
+    for name, rs in by_workload.items():
+        for o in (r for r in rs if r["side"] == "ours"):
+            for d in (r for r in rs if r["side"] == "diffusers"):
+                out.append(f"| {name} | {o['key']} ({o['mode']}) | {d['key']} ({d['mode']}) | "
+                           f"**{d['seconds'] / o['seconds']:.2f}x** |")
+    return out
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r and "seconds" not in r:
+        return f"| {r['workload']} | {r['key']} | {r['mode']} | failed: {r['error']} | | | |"
+    mem = "n/a" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:.0f} MiB"
+    mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+    s = f"{r['seconds']:.3f} s" if r["seconds"] >= 0.1 else f"{1e3 * r['seconds']:.2f} ms"
+    if "extrapolated_from_steps" in r:
+        s += f" ({r['extrapolated_from_steps']} of {r['steps']} steps timed, scaled)"
+    return f"| {r['workload']} | {r['key']} | {r['mode']} | {r['images_per_s']:.1f} | {s} | {mem} | {mfu} |"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"### {meta['device_name']} ({meta['date']})", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("date",)]
+    lines += ["", "| workload | contestant | mode | images/s | time per call | peak memory | MFU |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [fmt_row(r) for r in rows]
+    lines += ["", "Speed-up (diffusers time / ours time; above 1 means ours is faster):", "",
+              "| workload | ours | diffusers | speed-up |", "| --- | --- | --- | ---: |"]
+    lines += ratios(rows)
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(path: Path, device_type: str, section: str) -> None:
+    begin, end = f"<!-- bench:{device_type}:begin -->", f"<!-- bench:{device_type}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="small CPU smoke run (not the numbers to quote)")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to update")
+    p.add_argument("--json", type=Path, default=None, help="also write every row as JSON here")
+    p.add_argument("--budget-s", type=float, default=None, help="skip workloads once this much time has passed")
+    p.add_argument("--only", default=None, help="comma-separated workload kinds to run (train,step,ddim,ancestral)")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            device_name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        device_name += f", {torch.get_num_threads()} threads"
+    import diffusers
+
+    ours, theirs = model_pair()
+    if ours is None:
+        print("ddpm.unet.UNet.from_diffusers is not available: measuring diffusers only", file=sys.stderr)
+    models = {"ours": ours, "diffusers": theirs}
+    flops = count_model_flops(models, device) if ours is not None else {"forward": 0.0, "train": 0.0}
+    peak = timing.matmul_peak_tflops(device) if device.type == "cuda" else None
+    meta = {
+        "device_name": device_name + (" (--quick)" if args.quick else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "model": "DDPM CIFAR-10 U-Net (35.7M parameters), identical weights on both sides",
+        "FLOPs per image": f"forward {flops['forward'] / 1e9:.2f} GFLOP, training step {flops['train'] / 1e9:.2f} GFLOP "
+                           "(torch.utils.flop_counter)",
+    }
+    if peak:
+        meta["bf16 matmul peak (8192^3, measured)"] = f"{peak:.0f} TFLOP/s"
+    if device.type == "cuda":
+        # TF32 is allowed for the float32 parts on both sides.
+        meta["cuda"] = f"{torch.version.cuda}, cudnn.benchmark on, TF32 allowed"
+    only = set(args.only.split(",")) if args.only else None
+    rows: list[dict] = []
+    for w in plan(device, args.quick):
+        if only and w.name not in only:
+            continue
+        if ours is None:
+            w.contestants = [c for c in w.contestants if c[1] == "diffusers"]
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and elapsed > args.budget_s:
+            rows.append({"workload": w.title, "key": "-", "mode": "-", "side": "-",
+                         "error": f"skipped: time budget spent ({elapsed:.0f} s)"})
+            continue
+        new = measure(w, models, device, flops, peak)
+        for r in new:
+            print(fmt_row(r), flush=True)
+        rows += new
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta["wall time of this benchmark"] = f"{time.perf_counter() - start:.0f} s"
+    section = markdown(meta, rows)
+    print(section)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.doc:
+        write_doc(args.doc, device.type, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

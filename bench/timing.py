@@ -1,0 +1,129 @@
+"""Measurement helpers for the benchmarks: synchronised timing, interleaved (ABAB) repetitions with
+medians, peak memory, FLOP counts and the bf16 matrix-multiply peak of the device.
+
+The CPU of a shared machine is noisy, so contestants are measured in alternation (A B A B ...)
+and each reports the median of its repetitions: a slow spell then hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, iters: int = 1) -> float:
+    """Seconds per call of ``fn``, averaged over ``iters`` back-to-back calls (device-synchronised)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int, iters: int = 1,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, measured A B A B ... ``reps`` times.
+
+    Every function first runs ``warmup`` times (compilation, autotuning, allocator growth).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(time_call(fn, device, iters))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    # Writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    # Return freed heap pages to the OS so that the RSS before a run counts live data only.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float | None, str]:
+    """Peak memory (bytes) while ``fn`` runs once, and what the number means.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state and activations).
+    CPU: peak resident set size during the call minus the RSS just before it (after
+    ``malloc_trim``), i.e. the working memory on top of the resident weights and optimizer state;
+    ``None`` where /proc cannot reset the peak.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return float(torch.cuda.max_memory_allocated(device)), "max_memory_allocated"
+    _malloc_trim()
+    before = _proc_status_kib("VmRSS")
+    if before is None or not _reset_rss_peak():
+        fn()
+        return None, "n/a"
+    fn()
+    peak = _proc_status_kib("VmHWM")
+    return float(max(peak - before, 0) * 1024), "peak RSS increase"
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and the matmul ceiling
+# ---------------------------------------------------------------------------------------------
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of matmuls, convolutions and attention executed by ``fn`` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """Measured dense bf16 matrix-multiply rate (TFLOP/s) on random operands: the MFU ceiling."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        times.append(time_call(lambda: a @ b, device))
+    return 2 * n**3 / statistics.median(times) / 1e12
