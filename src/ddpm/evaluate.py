@@ -155,7 +155,7 @@ def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *,
             if meta.get("weights_sha256") and meta["weights_sha256"] != weights.sha256:
                 raise UserError(f"{ref_path} was computed with Inception weights {meta['weights_sha256'][:16]}..., "
                                 f"not {weights.sha256[:16]}...; recompute it")
-            return stats, {"name": meta.get("reference", str(ref_path)), "count": meta.get("count", "unknown"),
+            return stats, {"name": meta.get("reference", str(ref_path)), "count": int(meta["count"]) if meta.get("count", "").isdigit() else None,
                            "source": "stats file", "file": str(ref_path.resolve())}
         source = _fid.load_npz_images(ref_path)
         key = f"npz-{ref_path.stem}-{_fid.sha256_file(ref_path)[:12]}"
@@ -196,9 +196,15 @@ def compute_fid(images: np.ndarray, reference: str, *, weights: str | os.PathLik
     ref_stats, ref_info = reference_statistics(reference, net, w, ref_data=ref_data, ref_num=ref_num,
                                                batch_size=batch_size, cache=cache, use_cache=use_cache,
                                                progress=progress)
+    ref_features = ref_stats.get("features")
+    if acc.n <= acc.keep and ref_features is not None and len(ref_features) == ref_info["count"]:
+        # Every feature of both sets is at hand: the exact O(n1 n2 d) form, no 2048^3 eigh.
+        value = _fid.frechet_distance_from_features(acc.features(), ref_features)
+    else:
+        value = _fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
     report = {
         "metric": "fid",
-        "fid": _fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"]),
+        "fid": value,
         "num_samples": int(acc.n),
         "image_shape": list(images.shape[1:]),
         "reference": ref_info,
