@@ -124,7 +124,7 @@ def _print_report(path: Path, summary: str) -> None:
 
 def cmd_fid(args) -> int:
     from . import fid as _fid
-    from .evaluate import compute_fid, is_run, sample_run, write_report
+    from .evaluate import compute_fid, is_run, run_dir_of, sample_run, write_report
 
     src = Path(args.source)
     extra: dict = {}
@@ -136,9 +136,9 @@ def cmd_fid(args) -> int:
         from .viz import to_uint8
 
         images = to_uint8(images_f)
-        run_dir = src if src.is_dir() else src.parent
+        run_dir = run_dir_of(run)
         tag = f"{args.sampler}-{args.steps or 'default'}-n{num}-seed{args.seed}"
-        extra = {"run": str(src.resolve()), "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+        extra = {"run": str(src.resolve()), "checkpoint": str(run.path), "step": run.step, "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                  "seed": args.seed, "ema": not args.no_ema}
         if not args.no_save_samples:
             samples_path = run_dir / "eval" / f"samples-{tag}.npz"
@@ -188,7 +188,7 @@ def cmd_nll(args) -> int:
     import torch
 
     from .data import open_source
-    from .evaluate import write_report
+    from .evaluate import run_dir_of, write_report
     from .nll import nll_bpd
 
     if args.timesteps != "all" and not args.timesteps.isdigit():
@@ -196,16 +196,19 @@ def cmd_nll(args) -> int:
     run, device = _load(args.run, args)
     spec = _data_spec(args, run)
     shape = tuple(run.sample_kwargs["shape"])
-    data = open_source(spec, split=args.split) if not spec.startswith("toy:") else None
-    if data is None:
-        from .data import toy_sample
+    if spec.startswith("toy:"):
+        from .data import check_toy, toy_sample
 
+        check_toy(spec[4:])
         data = toy_sample(spec[4:], args.num or 10_000, torch.Generator().manual_seed(args.seed))
         decoder = "continuous"
     else:
-        decoder = "discretized"
+        # Open the data as the trainer did; fall back to the model's item shape for another source.
+        cfg = run.config.data
+        data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels, split=args.split)
         if tuple(data.shape) != shape:
-            data = open_source(spec, split=args.split, image_size=shape[-1], channels=shape[0])
+            data = open_source(spec, image_size=shape[-1], channels=shape[0], split=args.split)
+        decoder = "discretized"
     K = None if args.timesteps == "all" else int(args.timesteps)
     variance = args.variance or run.sample_kwargs.get("variance", "fixed_large")
     out = nll_bpd(run.model, run.schedule, data, num_timesteps=K, batch_size=args.batch_size, num=args.num,
@@ -214,16 +217,15 @@ def cmd_nll(args) -> int:
     out.pop("bpd_per_example")
     report = {"metric": "nll", **out, "data": spec, "split": args.split if decoder == "discretized" else None,
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
-              "run": str(Path(args.run).resolve()), "ema": not args.no_ema}
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    path = write_report(args.out or run_dir / "eval" / f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}.json", report)
+              "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
+    path = write_report(args.out or run_dir_of(run) / "eval" / f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}.json", report)
     _print_report(path, f"NLL <= {out['bpd']:.4f} +- {out['stderr']:.4f} bits/dim ({out['estimate']}, "
                         f"{out['num_examples']} items; prior {out['prior_bpd']:.5f}, decoder {out['decoder_bpd']:.4f})")
     return 0
 
 
 def cmd_toy(args) -> int:
-    from .evaluate import sample_run, toy_metrics, write_report
+    from .evaluate import run_dir_of, sample_run, toy_metrics, write_report
 
     run, device = _load(args.run, args)
     spec = _data_spec(args, run)
@@ -236,9 +238,9 @@ def cmd_toy(args) -> int:
                          batch_size=args.sample_batch_size, device=device, progress=args.progress)
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
     report.update({"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "seed": args.seed,
-                   "run": str(Path(args.run).resolve()), "ema": not args.no_ema})
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    path = write_report(args.out or run_dir / "eval" / f"toy-{args.sampler}-{args.steps or 'default'}-n{args.num}.json", report)
+                   "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step,
+                   "ema": not args.no_ema})
+    path = write_report(args.out or run_dir_of(run) / "eval" / f"toy-{args.sampler}-{args.steps or 'default'}-n{args.num}.json", report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "
             f"MMD^2 {report['mmd_rbf']:.5f} (truth vs truth {base['mmd_rbf']:.5f})")

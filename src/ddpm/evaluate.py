@@ -72,11 +72,17 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def is_run(path: str | os.PathLike) -> bool:
-    """A run directory or a checkpoint file (anything ``ddpm.load`` accepts)."""
+    """A run directory (config.json / ckpt-*), a ckpt-* folder or a weights file: what ``ddpm.load`` accepts."""
     p = Path(path)
     if p.is_file():
-        return p.suffix in (".safetensors", ".pt", ".pth")
-    return p.is_dir() and any(p.glob("*.safetensors"))
+        return p.suffix == ".safetensors"
+    return p.is_dir() and ((p / "config.json").is_file() or any(p.glob("ckpt-*")) or any(p.glob("*.safetensors")))
+
+
+def run_dir_of(run) -> Path:
+    """The run directory of a ``LoadedRun`` (its weights live in RUN/ckpt-NNNNNNN/), for reports."""
+    weights = Path(run.path)
+    return weights.parent.parent if weights.parent.name.startswith("ckpt-") else weights.parent
 
 
 @torch.no_grad()
@@ -92,7 +98,9 @@ def sample_run(run, num: int, *, sampler: str = "ddpm", steps: int | None = None
     device = device or default_device()
     kwargs = dict(run.sample_kwargs)
     shape = tuple(kwargs.pop("shape"))
-    model = run.model.to(device).eval()
+    model = run.model
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device).eval()
     schedule = run.schedule.to(device)
     out = []
     starts = range(0, num, batch_size)
@@ -342,7 +350,9 @@ def periodic_eval(model, schedule, config: PeriodicEvalConfig, *, step: int, run
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    device = device or default_device()
+    if device is None:
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        device = params[0].device if params else default_device()
     run = type("Run", (), {"model": model, "schedule": schedule, "sample_kwargs": sample_kwargs, "config": None})
     record = {"step": int(step), "sampler": config.sampler, "steps": config.steps, "num": config.num}
     kind = getattr(data, "kind", None)
