@@ -48,6 +48,19 @@ class GaussianMixture:
         return model
 
 
+    def residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - nearest mean) / std, (n, 2): a zoom on the components' shape and spread."""
+        x = x.double()
+        nearest = torch.cdist(x, self.means).argmin(1)
+        return (x - self.means[nearest]) / self.std
+
+    def distances(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Energy distances between two samples (n, 2): of the points (weights, placement of the
+        components) and of their residuals (each component's spread, which a model with the
+        wrong time gets wrong first)."""
+        return energy_distance(x, y), energy_distance(self.residuals(x), self.residuals(y))
+
+
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Szekely's energy distance 2 E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic), x (n, d), y (m, d)."""
     x, y = x.double(), y.double()

@@ -143,9 +143,11 @@ def timestep_grid(T: int, steps: int, spacing: str = "uniform", *, schedule: Noi
       diffusers' "trailing": starts at T-1, ends at T/S - 1.
     - ``quad``: a_i = floor((i sqrt(0.8 T)/(S-1))^2), the DDIM paper's quadratic skip, with repeats
       pushed up by one so that the S timesteps are distinct.
-    - ``logsnr``: uniform in lambda from lambda(T-1) to lambda(0) (DPM-Solver's advice for
-      discrete-time models), each mapped to the timestep of nearest lambda, repeats pushed apart.
-      Needs ``schedule``.
+    - ``logsnr``: uniform in lambda = log(alpha/sigma) (DPM-Solver's advice for discrete-time
+      models): the first S of S+1 evenly spaced values from lambda(T-1) to lambda(0), each mapped
+      to the timestep of nearest lambda, repeats pushed apart. The dropped endpoint is where the
+      final step, which goes to sigma = 0, would start: ending the grid one lambda-step early gives
+      clearly better samples for few steps (as diffusers' DPM-Solver grids do). Needs ``schedule``.
     """
     check_choice("spacing", spacing, SPACINGS)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
@@ -164,11 +166,11 @@ def timestep_grid(T: int, steps: int, spacing: str = "uniform", *, schedule: Noi
         if schedule is None or schedule.num_timesteps != T:
             raise ValueError("spacing 'logsnr' needs the noise schedule (schedule=) with T timesteps")
         neg_lam = -0.5 * schedule.log_snr.cpu().numpy()  # increasing in t
-        targets = np.linspace(neg_lam[0], neg_lam[-1], S)
+        targets = np.linspace(neg_lam[-1], neg_lam[0], S + 1)[:S][::-1]  # ascending in t
         right = np.clip(np.searchsorted(neg_lam, targets), 1, T - 1)
         nearer_left = targets - neg_lam[right - 1] < neg_lam[right] - targets
         a = _strictly_increasing(np.where(nearer_left, right - 1, right), T) if T > 1 else np.zeros(S, np.int64)
-    return torch.from_numpy(np.ascontiguousarray(a[::-1], dtype=np.int64))
+    return torch.from_numpy(np.array(a[::-1], dtype=np.int64))
 
 
 def _respaced_schedule(schedule: NoiseSchedule, ascending: torch.Tensor) -> NoiseSchedule:
