@@ -190,13 +190,24 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
+def make_run(run_dir, preset, step=2):
+    """A run directory as the trainer writes it (config.json + ckpt-NNNNNNN/), with untrained
+    weights: the CLI plumbing is under test here, not the training loop."""
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.presets import build_model, resolve_config
+
+    config = resolve_config(preset)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(config.to_json() + "\n")
+    save_checkpoint(run_dir, step, model, model, {"step": step}, config)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ddpm.presets import resolve_config
-    from ddpm.train import train
-
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    return train(resolve_config("tiny").override(**{"train.steps": 2, "train.ckpt_every": 2}), out=out)
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny", "tiny")
 
 
 def test_cli_nll_on_a_tiny_mnist_run(tiny_run):
@@ -222,15 +233,15 @@ def test_cli_nll_on_a_tiny_mnist_run(tiny_run):
 def test_cli_toy_run(tmp_path):
     pytest.importorskip("ddpm.mlp")
     from ddpm.cli_eval import main
-    from ddpm.presets import resolve_config
-    from ddpm.train import train
 
-    run = train(resolve_config("toy2d").override(**{"train.steps": 2, "train.ckpt_every": 2, "train.progress": False}),
-                out=tmp_path / "toy")
+    run = make_run(tmp_path / "toy", "toy2d")
     out = tmp_path / "toy.json"
     assert main(["toy", str(run), "--num", "200", "--sampler", "ddim", "--steps", "5", "--out", str(out),
                  "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
-    assert report["dataset"] == "gaussian_mixture" and report["num_samples"] == 200
+    assert report["dataset"] == "gaussian_mixture" and report["num_samples"] == 200 and report["step"] == 2
+    # untrained weights: far from the data, by more than the truth-vs-truth baseline
     assert "log_likelihood" in report and report["baseline_truth_vs_truth"]["energy_distance"] < report["energy_distance"]
     assert main(["nll", str(run), "--num", "32", "--timesteps", "4", "--device", "cpu"]) == 0
+    report = json.loads(next((run / "eval").glob("nll-*.json")).read_text())
+    assert report["decoder"] == "continuous" and report["dims"] == 2 and report["num_examples"] == 32

@@ -192,13 +192,20 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
     assert {"is_mean", "kid_mean"} <= set(first)
     assert len(list(cache.glob("*.npz"))) == 1
 
-    out = tmp_path / "report.json"
-    rc = main(["fid", str(tmp_path / "samples.npz"), "--ref", str(ref_dir), "--inception-weights", str(weights_file),
-               "--cache-dir", str(cache), "--out", str(out), "--device", "cpu"])
-    report = json.loads(out.read_text())
-    assert rc == 0 and report["reference"]["source"] == "cache"
-    assert report["fid"] == pytest.approx(first["fid"], rel=1e-9)
-    assert report["samples_file"].endswith("samples.npz") and report["weights"]["file"] == str(weights_file.resolve())
+    # The CLI on a run: samples drawn with the run's model (1-channel MNIST preset, repeated to RGB),
+    # kept as RUN/eval/samples-*.npz, reference statistics read back from the cache.
+    from test_evaluate import make_run
+
+    run = make_run(tmp_path / "run", "tiny")
+    rc = main(["fid", str(run), "--ref", str(ref_dir), "--num", "3", "--sampler", "ddim", "--steps", "2",
+               "--inception-weights", str(weights_file), "--cache-dir", str(cache), "--device", "cpu"])
+    reports = list((run / "eval").glob("fid-*.json"))
+    assert rc == 0 and len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["reference"]["source"] == "cache" and report["num_samples"] == 3 and report["fid"] > 0
+    assert report["sampler"] == "ddim" and report["steps"] == 2 and report["step"] == 2
+    assert report["weights"]["file"] == str(weights_file.resolve())
+    assert fid.load_npz_images(report["samples_file"]).shape == (3, 28, 28, 1)
 
     # the cached statistics, used as a stats .npz reference, give the same FID
     stats_file = next(cache.glob("*.npz"))
