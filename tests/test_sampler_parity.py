@@ -150,3 +150,25 @@ def test_timestep_spacings_match_diffusers(spacing, theirs, steps):
         assert (ours - scheduler.timesteps).abs().max() <= 1
     else:
         assert torch.equal(ours, scheduler.timesteps)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= notice inside diffusers
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_matches_diffusers(steps):
+    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, midpoint) on our
+    log-SNR grid (custom timesteps) with final_sigmas_type="zero": first-order first and last
+    steps, the last one landing on the data prediction; no clipping on either side."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    seeds = per_sample_seeds(2, SHAPE[0])
+    x_T, traj = _ours("dpm++2m", seeds, steps=steps, clip_denoised=False)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="linear", solver_order=2,
+                                            algorithm_type="dpmsolver++", solver_type="midpoint",
+                                            lower_order_final=True, final_sigmas_type="zero")
+    scheduler.set_timesteps(timesteps=traj["timesteps"].tolist())
+    assert torch.equal(scheduler.timesteps, traj["timesteps"])
+    x, states = x_T, [x_T]
+    for t in scheduler.timesteps:
+        x = scheduler.step(fake_model(x, t.expand(SHAPE[0])), t, x).prev_sample
+        states.append(x)
+    _assert_close_trajectories(traj["x_t"], torch.stack(states), 1e-5)
