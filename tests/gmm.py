@@ -31,13 +31,13 @@ class GaussianMixture:
 
     def eps_oracle(self, schedule: NoiseSchedule, time_shift: int = 0):
         """model(x_t (B, 2), t (B,)) -> eps*(x_t, t) (B, 2); ``time_shift`` evaluates it at t + shift (a broken model)."""
-        ab_all = schedule.alphas_cumprod
+        ab_all = schedule.alphas_cumprod  # on the schedule's device: nothing is copied per call
+        mu = self.means.to(ab_all.device)  # (K, 2)
         T = schedule.num_timesteps
 
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ab = ab_all.to(x_t.device)[(t + time_shift).clamp(0, T - 1)][:, None]  # (B, 1)
+            ab = ab_all[(t + time_shift).clamp(0, T - 1)][:, None]  # (B, 1)
             a, var = ab.sqrt(), ab * self.std**2 + (1 - ab)  # component means a mu_k, shared variance
-            mu = self.means.to(x_t.device)  # (K, 2)
             x = x_t.double()
             # log N(x; a mu_k, var I) up to terms shared by all k (equal weights): a x.mu_k - a^2 |mu_k|^2 / 2.
             logits = (a * (x @ mu.T) - 0.5 * ab * (mu**2).sum(1)[None]) / var  # (B, K)

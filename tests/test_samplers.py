@@ -267,3 +267,33 @@ def test_bad_inputs_raise_value_errors_naming_them(setup):
         timestep_grid(1000, 10, "logsnr")
     with pytest.raises(ValueError, match="output shape"):
         sample(lambda x, t: x[:, :1], schedule, (4, 2), steps=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddpm", dict(variance="fixed_large")), ("ddim", dict(eta=0.5)),
+                                        ("dpm++2m", {})])
+def test_cuda_runs_without_per_step_sync_and_matches_cpu(setup, sampler, kw):
+    import warnings
+
+    schedule, gmm, _, _ = setup
+    cuda_schedule = schedule.to("cuda")
+    oracle = gmm.eps_oracle(cuda_schedule)
+
+    def syncs(steps):
+        # Count synchronising CUDA calls: the set-up may have a fixed few, the loop none.
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                x = sample(oracle, schedule, (512, 2), sampler=sampler, steps=steps, generator=4, device="cuda", **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return x, sum("synchroniz" in str(w.message) for w in caught)
+
+    (_, few), (x, many) = syncs(4), syncs(40)
+    assert many == few, f"{many - few} extra synchronisations over 36 more steps"
+    cpu = sample(gmm.eps_oracle(schedule), schedule, (512, 2), sampler=sampler, steps=40, generator=4, **kw)
+    torch.testing.assert_close(x.cpu(), cpu, rtol=0, atol=1e-3)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    assert sample(oracle, schedule, (8, 2), sampler=sampler, steps=5, generator=gen, device="cuda", **kw).is_cuda
