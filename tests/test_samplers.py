@@ -297,3 +297,13 @@ def test_cuda_runs_without_per_step_sync_and_matches_cpu(setup, sampler, kw):
     torch.testing.assert_close(x.cpu(), cpu, rtol=0, atol=1e-3)
     gen = torch.Generator(device="cuda").manual_seed(0)
     assert sample(oracle, schedule, (8, 2), sampler=sampler, steps=5, generator=gen, device="cuda", **kw).is_cuda
+
+
+def test_zero_terminal_snr_with_v_prediction_runs():
+    # Lin et al. 2023: abar_{T-1} = 0, lambda = -inf there; only v (or x0) prediction can start from it.
+    schedule = NoiseSchedule.from_name("sqrt_linear", 1000, rescale_to_zero_terminal_snr=True)
+    assert timestep_grid(1000, 10, "logsnr", schedule=schedule)[0] == 999
+    for sampler, steps in [("ddpm", 20), ("ddim", 10), ("dpm++2m", 10)]:
+        x = sample(lambda x, t: torch.tanh(x), schedule, (16, 2), sampler=sampler, steps=steps, prediction="v",
+                   generator=0)
+        assert torch.isfinite(x).all(), sampler

@@ -166,10 +166,14 @@ def timestep_grid(T: int, steps: int, spacing: str = "uniform", *, schedule: Noi
         if schedule is None or schedule.num_timesteps != T:
             raise ValueError("spacing 'logsnr' needs the noise schedule (schedule=) with T timesteps")
         neg_lam = -0.5 * schedule.log_snr.cpu().numpy()  # increasing in t
-        targets = np.linspace(neg_lam[-1], neg_lam[0], S + 1)[:S][::-1]  # ascending in t
+        # A zero-terminal-SNR schedule has lambda(T-1) = -inf: span the finite range, start at T-1.
+        top = neg_lam[np.isfinite(neg_lam)].max()
+        targets = np.linspace(top, neg_lam[0], S + 1)[:S][::-1]  # ascending in t
         right = np.clip(np.searchsorted(neg_lam, targets), 1, T - 1)
         nearer_left = targets - neg_lam[right - 1] < neg_lam[right] - targets
-        a = _strictly_increasing(np.where(nearer_left, right - 1, right), T) if T > 1 else np.zeros(S, np.int64)
+        a = np.where(nearer_left, right - 1, right) if T > 1 else np.zeros(S, np.int64)
+        a[-1] = T - 1
+        a = _strictly_increasing(a, T)
     return torch.from_numpy(np.array(a[::-1], dtype=np.int64))
 
 
