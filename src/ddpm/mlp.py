@@ -1,0 +1,108 @@
+"""A small noise-prediction network for 2-D (or any low-dimensional) data.
+
+For the toy data sets (two moons, Gaussian mixtures, ...): ``MLPDenoiser(config)(x, t)`` maps
+points ``x`` of shape (B, dim) and timesteps ``t`` of shape (B,) to (B, dim). The timestep
+enters through the same sinusoidal embedding as the U-Net (Ho et al. 2020, Appendix B), passed
+through a two-layer MLP and added to every residual block, so the network is a 1-D analogue of
+the U-Net's conditioning without the convolutions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unet import timestep_embedding, timestep_frequencies
+
+
+@dataclass
+class MLPConfig:
+    """Architecture of an :class:`MLPDenoiser` (saved in checkpoints)."""
+
+    dim: int = 2
+    hidden: int = 256
+    depth: int = 4  # number of residual blocks
+    time_embed_dim: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "depth", "time_embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MLPConfig.{name} must be a positive integer, got {value!r}")
+        if self.time_embed_dim % 2 or self.time_embed_dim < 4:
+            raise ValueError(f"MLPConfig.time_embed_dim must be even and >= 4, got {self.time_embed_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MLPConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MLPConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MLPConfig: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block: x + W2 SiLU(W1 LN(x) + temb)."""
+
+    def __init__(self, hidden: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.temb_proj = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, h: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        r = F.silu(self.fc1(self.norm(h)) + self.temb_proj(temb_act))
+        r = F.dropout(r, self.dropout, training=self.training)
+        return h + self.fc2(r)
+
+
+class MLPDenoiser(nn.Module):
+    """``forward(x (B, dim), t (B,)) -> (B, dim)``: the eps (or x0, v) prediction for points."""
+
+    def __init__(self, config: MLPConfig | None = None):
+        super().__init__()
+        self.config = c = config if config is not None else MLPConfig()
+        if not isinstance(c, MLPConfig):
+            raise TypeError(f"MLPDenoiser expects an MLPConfig, got {type(c).__name__}")
+        self.register_buffer("time_freqs", timestep_frequencies(c.time_embed_dim), persistent=False)
+        self.temb_dense0 = nn.Linear(c.time_embed_dim, c.hidden)
+        self.temb_dense1 = nn.Linear(c.hidden, c.hidden)
+        self.fc_in = nn.Linear(c.dim, c.hidden)
+        self.blocks = nn.ModuleList(_Block(c.hidden, c.dropout) for _ in range(c.depth))
+        self.norm_out = nn.LayerNorm(c.hidden)
+        self.fc_out = nn.Linear(c.hidden, c.dim)
+        # Each residual branch starts at zero, so the network starts as a small smooth map.
+        for block in self.blocks:
+            nn.init.zeros_(block.fc2.weight)
+            nn.init.zeros_(block.fc2.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dim = self.config.dim
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise ValueError(f"MLPDenoiser expects x of shape (B, {dim}), got {tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"MLPDenoiser expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+        freqs = self.time_freqs
+        if freqs.dtype != torch.float32:  # the model was cast: recompute the frequencies exactly
+            freqs = timestep_frequencies(self.config.time_embed_dim).to(x.device)
+        emb = timestep_embedding(t, freqs).to(self.temb_dense0.weight.dtype)
+        temb_act = F.silu(self.temb_dense1(F.silu(self.temb_dense0(emb))))
+        h = self.fc_in(x)
+        for block in self.blocks:
+            h = block(h, temb_act)
+        return self.fc_out(F.silu(self.norm_out(h))).to(x.dtype)
