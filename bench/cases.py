@@ -4,8 +4,10 @@ A builder returns a zero-argument callable doing one unit of work on fixed input
 
 - ``train_step``   Algorithm 1 once: noise the batch, forward, MSE on eps, backward, gradient
                    clipping at 1 (as the paper), Adam, EMA of the weights.
+                   The model object persists across calls (its weights keep training).
 - ``sample_step``  one ancestral step (Algorithm 2, line 4): forward and the scheduler update.
-- ``sample_run``   a whole sampling loop: DDIM (eta = 0) or ancestral, ``steps`` model calls.
+- ``sample_run``   a whole sampling loop: DDIM (eta = 0) or ancestral, ``steps`` model calls;
+                   its ``.warm()`` runs two steps on the same shapes (compile, graph capture).
 
 Ours uses the library (``training_loss``, ``accel``, ``sample``); diffusers' side uses its own
 pieces the way its examples do (``DDPMScheduler.add_noise``, ``EMAModel``, ``DDIMScheduler``).
@@ -41,14 +43,15 @@ class Mode:
     graphs: bool = False
     fused: bool = False
 
-    def label(self) -> str:
+    def label(self, training: bool = False) -> str:
+        """The mode in words, naming only what applies to a training or a sampling workload."""
         parts = ["bf16 autocast" if self.amp == "bf16" else "fp32"]
         parts += ["eager"] if not self.compile else ["compile"]
         if self.channels_last:
             parts.append("channels_last")
-        if self.graphs:
+        if self.graphs and not training:
             parts.append("CUDA graphs")
-        if self.fused:
+        if self.fused and training:
             parts.append("fused Adam/EMA")
         return ", ".join(parts)
 
@@ -58,12 +61,22 @@ def _schedule(device: torch.device) -> NoiseSchedule:
     return NoiseSchedule.from_name("sqrt_linear", T).to(device)
 
 
+_PREPARED: dict[tuple, torch.nn.Module] = {}
+
+
 def _prepared(model: torch.nn.Module, mode: Mode, device: torch.device, train: bool) -> torch.nn.Module:
-    model = copy.deepcopy(model).to(device)
-    model.train(train)
-    inner = getattr(model, "unet", model)  # compile diffusers' UNet2DModel itself
-    accel.prepare_model(inner, channels_last=mode.channels_last, compile=mode.compile)
-    return model
+    """A copy of ``model`` on ``device`` in ``mode``, shared by the workloads of one run so that
+    each (model, mode, train/eval) is compiled (and, for sampling, graph-captured) only once."""
+    key = (id(model), mode, str(device), train)
+    if key not in _PREPARED:
+        prepared = copy.deepcopy(model).to(device)
+        prepared.train(train)
+        inner = getattr(prepared, "unet", prepared)  # compile diffusers' UNet2DModel itself
+        accel.prepare_model(inner, channels_last=mode.channels_last, compile=mode.compile)
+        if not train and mode.graphs:
+            prepared = accel.GraphedModel(prepared, clone_output=False)
+        _PREPARED[key] = prepared
+    return _PREPARED[key]
 
 
 def _images(batch: int, device: torch.device, mode: Mode, seed: int) -> torch.Tensor:
@@ -119,10 +132,7 @@ def train_step(side: str, model, mode: Mode, batch: int, device: torch.device) -
 
 
 def _inference_model(side: str, model, mode: Mode, device: torch.device):
-    model = _prepared(model, mode, device, train=False)
-    if side == "ours" and mode.graphs:
-        model = accel.GraphedModel(model, clone_output=False)
-    return model
+    return _prepared(model, mode, device, train=False)
 
 
 def sample_step(side: str, model, mode: Mode, batch: int, device: torch.device, t_step: int = 500) -> Callable[[], None]:
@@ -168,10 +178,11 @@ def sample_run(side: str, model, mode: Mode, batch: int, device: torch.device, *
         schedule = _schedule(device)
 
         @torch.no_grad()
-        def run():
+        def run(n: int = steps):
             with accel.autocast(device, mode.amp):
-                return sample(model, schedule, x_T.shape, sampler=sampler, steps=steps, x_T=x_T, generator=0)
+                return sample(model, schedule, x_T.shape, sampler=sampler, steps=n, x_T=x_T, generator=0)
 
+        run.warm = lambda: run(2)  # compiles and captures on the same shapes, in a fraction of the time
         return run
 
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -185,7 +196,7 @@ def sample_run(side: str, model, mode: Mode, batch: int, device: torch.device, *
     gen = torch.Generator(device).manual_seed(0)
 
     @torch.no_grad()
-    def run():
+    def run(timesteps=timesteps):
         x = x_T.clone()
         for t in timesteps:
             with accel.autocast(device, mode.amp):
@@ -194,4 +205,5 @@ def sample_run(side: str, model, mode: Mode, batch: int, device: torch.device, *
             x = scheduler.step(eps, t, x, **kwargs).prev_sample
         return x
 
+    run.warm = lambda: run(timesteps[:2])
     return run

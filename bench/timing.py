@@ -31,20 +31,27 @@ def time_call(fn: Callable[[], object], device: torch.device, iters: int = 1) ->
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int, iters: int = 1,
-                warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, measured A B A B ... ``reps`` times.
+                warmup: int = 1) -> tuple[dict[str, float], dict[str, str]]:
+    """Median seconds per call of each function, measured A B A B ... ``reps`` times, and the
+    error of each function that failed during its warm-up (it is then left out).
 
-    Every function first runs ``warmup`` times (compilation, autotuning, allocator growth).
+    Every function first runs ``warmup`` times (compilation, autotuning, allocator growth), using
+    its ``.warm`` attribute when it has one (a cheaper call on the same shapes).
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                getattr(fn, "warm", fn)()
+            sync(device)
+        except Exception as e:  # one contestant's failure (a mode this torch cannot do) spares the rest
+            errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    live = {name: fn for name, fn in fns.items() if name not in errors}
+    samples: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(reps):
-        for name, fn in fns.items():
+        for name, fn in live.items():
             samples[name].append(time_call(fn, device, iters))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: statistics.median(v) for name, v in samples.items()}, errors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""How recognisable are a run's MNIST samples? A bench tool, not a shipped metric.
+
+A small CNN is trained once on the bundled MNIST training set (weights cached in
+~/.cache/ddpm-bench/mnist_cnn.pt; about 99% test accuracy) and then classifies N samples drawn
+from a run (or read from an npz written by ``ddpm sample``). Reported: the fraction of samples
+classified with confidence > 0.9 ("pass rate"), and the histogram of predicted digits among
+the passing samples, which must show all ten digits in fair shares.
+
+    python bench/mnist_quality.py runs/mnist-20250101-120000                 # 1000 samples, run's preview sampler
+    python bench/mnist_quality.py runs/mnist-... --sampler ddpm --num 1000
+    python bench/mnist_quality.py --npz samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CACHE = Path.home() / ".cache" / "ddpm-bench" / "mnist_cnn.pt"
+
+
+class Classifier(nn.Module):
+    """conv-conv-pool-conv-conv-pool-fc on (B, 1, 28, 28) in [-1, 1] -> 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _mnist(split: str):
+    from ddpm.data import load_mnist
+
+    images, labels = load_mnist(split)
+    return images.float() / 127.5 - 1.0, labels
+
+
+def get_classifier(epochs: int = 2, retrain: bool = False, device: str = "cpu") -> nn.Module:
+    """The cached classifier, training it first (a couple of minutes on CPU) if needed."""
+    model = Classifier().to(device)
+    if CACHE.is_file() and not retrain:
+        model.load_state_dict(torch.load(CACHE, weights_only=True, map_location=device))
+        return model.eval()
+    x, y = (v.to(device) for v in _mnist("train"))
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    t0 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x), generator=g).to(device)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            xb = x[idx]
+            # Mild shifts so that slightly off-centre samples are not penalised.
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    xt, yt = (v.to(device) for v in _mnist("test"))
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    print(f"classifier test accuracy {acc:.4f}")
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), CACHE)
+    return model
+
+
+def score(images: torch.Tensor, threshold: float = 0.9) -> dict:
+    """Pass rate and digit histogram of (N, 1, 28, 28) images in [-1, 1]."""
+    model = get_classifier(device=str(images.device))
+    with torch.no_grad():
+        probs = torch.cat([F.softmax(model(images[i:i + 500]), 1) for i in range(0, len(images), 500)])
+    conf, digit = probs.max(1)
+    passed = conf > threshold
+    hist = torch.bincount(digit[passed], minlength=10).tolist()
+    n_pass = int(passed.sum())
+    return {
+        "num": len(images),
+        "pass_rate": n_pass / len(images),
+        "histogram_passing": hist,
+        "min_share": min(hist) / max(n_pass, 1),
+        "max_share": max(hist) / max(n_pass, 1),
+        "mean_confidence": conf.mean().item(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", help="run directory or checkpoint")
+    p.add_argument("--npz", help="score images from an npz written by ddpm sample instead")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--amp", default="off", choices=("off", "bf16"))
+    p.add_argument("--retrain", action="store_true", help="retrain the cached classifier")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--grid", help="also save the first 100 samples as a PNG grid here")
+    args = p.parse_args()
+    if args.retrain:
+        get_classifier(retrain=True, device=args.device)
+    if args.npz:
+        array = np.load(args.npz)["images"]  # (N, H, W, C) uint8
+        images = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        label = args.npz
+    else:
+        import ddpm
+        from ddpm import accel
+        from ddpm.samplers import per_sample_seeds
+
+        run = ddpm.load(args.run, device=args.device)
+        kw = dict(run.sample_kwargs)
+        shape = kw.pop("shape")
+        sampler = args.sampler or run.config.sample.sampler
+        steps = args.steps if args.steps is not None else (run.config.sample.steps if sampler == run.config.sample.sampler else None)
+        chunks, t0 = [], time.time()
+        with torch.no_grad(), accel.autocast(args.device, args.amp):
+            for start in range(0, args.num, args.batch_size):
+                n = min(args.batch_size, args.num - start)
+                seeds = per_sample_seeds(args.seed, n, offset=start, device=args.device)
+                chunks.append(ddpm.sample(run.model, run.schedule, (n, *shape), sampler=sampler, steps=steps,
+                                          generator=seeds, device=args.device, **kw).float())
+        images = torch.cat(chunks).clamp(-1, 1)
+        label = f"{run.path} sampler={sampler} steps={steps} ({time.time() - t0:.0f}s)"
+    if args.grid:
+        from ddpm.viz import save_grid
+
+        save_grid(images[:100].cpu(), args.grid, nrow=10)
+    result = score(images)
+    print(label)
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"label": label, **result}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
