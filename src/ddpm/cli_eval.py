@@ -47,6 +47,7 @@ def _sampling_args(p: argparse.ArgumentParser, num_default: int | None) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-batch-size", type=_positive, default=256)
+    p.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast for the network while sampling")
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -124,22 +125,25 @@ def _print_report(path: Path, summary: str) -> None:
 
 def cmd_fid(args) -> int:
     from . import fid as _fid
-    from .evaluate import compute_fid, is_run, run_dir_of, sample_run, write_report
+    from .evaluate import check_reference, compute_fid, is_run, run_dir_of, sample_run, write_report
 
     src = Path(args.source)
     extra: dict = {}
+    # Fail before drawing 50,000 samples: the reference and the weights must be usable.
+    check_reference(args.ref, args.ref_data)
+    _fid.resolve_inception_weights(args.inception_weights)
     if is_run(src):
         run, device = _load(args.source, args)
         num = args.num or 50_000
         images_f = sample_run(run, num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                              batch_size=args.sample_batch_size, device=device, progress=args.progress)
+                              batch_size=args.sample_batch_size, device=device, amp=args.amp, progress=args.progress)
         from .viz import to_uint8
 
         images = to_uint8(images_f)
         run_dir = run_dir_of(run)
         tag = f"{args.sampler}-{args.steps or 'default'}-n{num}-seed{args.seed}"
-        extra = {"run": str(src.resolve()), "checkpoint": str(run.path), "step": run.step, "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
-                 "seed": args.seed, "ema": not args.no_ema}
+        extra = {"run": str(src.resolve()), "checkpoint": str(run.path), "step": run.step, "sampler": args.sampler,
+                 "steps": args.steps, "eta": args.eta, "seed": args.seed, "amp": args.amp, "ema": not args.no_ema}
         if not args.no_save_samples:
             samples_path = run_dir / "eval" / f"samples-{tag}.npz"
             samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,8 +216,9 @@ def cmd_nll(args) -> int:
     K = None if args.timesteps == "all" else int(args.timesteps)
     variance = args.variance or run.sample_kwargs.get("variance", "fixed_large")
     out = nll_bpd(run.model, run.schedule, data, num_timesteps=K, batch_size=args.batch_size, num=args.num,
-                  generator=torch.Generator(device).manual_seed(args.seed), prediction=run.sample_kwargs.get("prediction", "eps"),
-                  variance=variance, clip_denoised=args.clip_denoised, decoder=decoder, device=device, progress=args.progress)
+                  generator=torch.Generator(device).manual_seed(args.seed),
+                  prediction=run.sample_kwargs.get("prediction", "eps"), variance=variance,
+                  clip_denoised=args.clip_denoised, decoder=decoder, device=device, progress=args.progress)
     out.pop("bpd_per_example")
     report = {"metric": "nll", **out, "data": spec, "split": args.split if decoder == "discretized" else None,
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
@@ -235,7 +240,7 @@ def cmd_toy(args) -> int:
 
     check_toy(spec[4:])
     samples = sample_run(run, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                         batch_size=args.sample_batch_size, device=device, progress=args.progress)
+                         batch_size=args.sample_batch_size, device=device, amp=args.amp, progress=args.progress)
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
     report.update({"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "seed": args.seed,
                    "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step,

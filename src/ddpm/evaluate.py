@@ -88,11 +88,13 @@ def run_dir_of(run) -> Path:
 @torch.no_grad()
 def sample_run(run, num: int, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
-               progress: bool = False) -> torch.Tensor:
+               amp: str = "off", progress: bool = False) -> torch.Tensor:
     """Draw ``num`` samples (num, ...) from a loaded run with ``ddpm.sample``, batch by batch.
 
     Sample i uses per-sample seed i of base ``seed``, so the result does not depend on batch size.
+    ``amp="bf16"`` runs the network under bf16 autocast (``ddpm.accel.autocast``).
     """
+    from .accel import autocast
     from .samplers import per_sample_seeds, sample
 
     device = device or default_device()
@@ -110,8 +112,9 @@ def sample_run(run, num: int, *, sampler: str = "ddpm", steps: int | None = None
         starts = tqdm(starts, desc=f"sampling ({sampler})", unit="batch")
     for start in starts:
         b = min(batch_size, num - start)
-        x = sample(model, schedule, (b, *shape), sampler=sampler, steps=steps, eta=eta,
-                   generator=per_sample_seeds(seed, b, start), device=device, **kwargs)
+        with autocast(device, amp):
+            x = sample(model, schedule, (b, *shape), sampler=sampler, steps=steps, eta=eta,
+                       generator=per_sample_seeds(seed, b, start), device=device, **kwargs)
         out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -142,15 +145,23 @@ def _dir_key(directory: Path, files: list[Path]) -> str:
     return f"dir-{directory.name}-{h.hexdigest()[:12]}"
 
 
+def check_reference(reference: str, ref_data: str | None = None) -> None:
+    """Refuse an unusable FID reference before any sampling starts (UserError)."""
+    if reference in CIFAR10_REFS:
+        if not (ref_data or os.environ.get(CIFAR10_ENV)):
+            raise UserError(f"--ref {reference} needs the CIFAR-10 folder: pass --ref-data DIR or set {CIFAR10_ENV}")
+    elif not ((reference.endswith(".npz") and Path(reference).is_file()) or Path(reference).is_dir()):
+        raise UserError(f"unknown FID reference {reference!r}; use cifar10-train, cifar10-test, a stats/images .npz, or an image folder")
+
+
 def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *, ref_data: str | None = None,
                          ref_num: int | None = None, batch_size: int = 200, cache: str | os.PathLike | None = None,
                          use_cache: bool = True, progress: bool = False) -> tuple[dict, dict]:
     """(stats {mu, sigma[, features]}, info {name, count, source, cache}) for a reference set."""
+    check_reference(reference, ref_data)
     ref_path = Path(reference)
     if reference in CIFAR10_REFS:
         folder = ref_data or os.environ.get(CIFAR10_ENV)
-        if not folder:
-            raise UserError(f"--ref {reference} needs the CIFAR-10 folder: pass --ref-data DIR or set {CIFAR10_ENV}")
         from .data import open_source
 
         source, key = open_source(f"cifar10:{folder}", split=CIFAR10_REFS[reference], download=False), reference
@@ -171,7 +182,7 @@ def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *,
         source = _fid.list_images(ref_path)
         key = _dir_key(ref_path, source)
     else:
-        raise UserError(f"unknown FID reference {reference!r}; use cifar10-train, cifar10-test, a stats/images .npz, or an image folder")
+        raise UserError(f"FID reference {reference!r} is neither a folder nor an .npz file")
     count = len(source) if ref_num is None else min(ref_num, len(source))
     cached = _fid.stats_cache_path(_fid.cache_dir(cache), key, count, weights.sha256)
     info = {"name": key, "count": count, "cache": str(cached)}
