@@ -2,17 +2,18 @@
 
 One visible loop (nanoGPT style). Per optimizer step::
 
-    for each of grad_accum micro-batches:          (global batch B = micro-batch * grad_accum)
+    t ~ U{0..T-1}, eps ~ N(0, I)                   drawn for the whole global batch B from a
+                                                   generator seeded by (seed, step)
+    for each of grad_accum micro-batches:          (B = micro-batch * grad_accum * world size)
         x0 ~ q(x0)                                 index stream shared by all ranks, sliced per rank
-        t ~ U{0..T-1}, eps ~ N(0, I)               drawn for the global micro-batch from a generator
-                                                   seeded by (seed, step, micro), sliced per rank
         loss = ||eps - eps_theta(x_t, t)||^2       Algorithm 1, lines 3-5 (ddpm.diffusion.training_loss)
     clip grad norm, Adam step with warmed-up lr
     ema <- lerp(ema, theta, 1 - decay_t)           one fused lerp_ (rank 0)
 
 Because the randomness of step k depends only on (seed, k) and the data position is a function
 of k, a run stopped at step k and resumed reproduces the uninterrupted run bit for bit on CPU,
-and N ranks with global batch B see exactly the data and noise of one process with batch B.
+and N ranks (or grad_accum micro-steps) with global batch B see exactly the data and noise of
+one process with batch B.
 """
 
 from __future__ import annotations
@@ -212,9 +213,11 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
         accel.prepare_model(ema, channels_last=c.channels_last)
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         params = [p for p in model.parameters() if p.requires_grad]
-        ema_tensors, model_tensors = list(ema.state_dict().values()), list(model.state_dict().values())
+        # EMA over every floating tensor of the state dict (parameters and float buffers).
+        ema_tensors = [v for v in ema.state_dict().values() if v.is_floating_point()]
+        model_tensors = [v for v in model.state_dict().values() if v.is_floating_point()]
         noise_gen = torch.Generator(device=device)
-        pin = device.type == "cuda"
+        shape = item_shape(config)
 
         log_file = None
         if rank == 0:
@@ -222,7 +225,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
             atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
             log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8")
         tb = _tensorboard(run_dir) if rank == 0 else None
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=c.steps, initial=step, disable=not c.progress or rank != 0, unit="step", dynamic_ncols=True)
         t_start, t_log, step_log = time.monotonic(), time.monotonic(), step
@@ -244,20 +247,21 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                 lr = _lr_at(config, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                # Algorithm 1, lines 3-4 for the whole global batch at once, from a generator
+                # seeded by (seed, step): ranks and accumulation micro-steps take their slices.
+                noise_gen.manual_seed(c.seed * 1_000_003 + step)
+                t_all = torch.randint(0, schedule.num_timesteps, (c.batch_size,), device=device, generator=noise_gen)
+                eps_all = torch.randn((c.batch_size, *shape), device=device, generator=noise_gen)
+                flip_all = torch.rand(c.batch_size, device=device, generator=noise_gen) < 0.5
                 for micro in range(c.grad_accum):
                     j = step * c.grad_accum + micro
                     idx = stream.batch(j)[rank * micro_local:(rank + 1) * micro_local]
                     x0 = _get_batch(dataset, idx)
-                    x0 = (x0.pin_memory() if pin else x0).to(device, non_blocking=True)
-                    noise_gen.manual_seed(c.seed * 1_000_003 + j)
-                    shape = (micro_global, *x0.shape[1:])
-                    t = torch.randint(0, schedule.num_timesteps, (micro_global,), device=device, generator=noise_gen)
-                    eps = torch.randn(shape, device=device, generator=noise_gen)
-                    lo, hi = rank * micro_local, (rank + 1) * micro_local
+                    x0 = x0.to(device, non_blocking=True)
+                    lo = micro * micro_global + rank * micro_local
+                    t, eps = t_all[lo:lo + micro_local], eps_all[lo:lo + micro_local]
                     if config.data.hflip and x0.ndim == 4:
-                        flip = torch.rand(micro_global, device=device, generator=noise_gen)[lo:hi] < 0.5
-                        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-                    t, eps = t[lo:hi], eps[lo:hi]
+                        x0 = torch.where(flip_all[lo:lo + micro_local].view(-1, 1, 1, 1), x0.flip(-1), x0)
                     if c.channels_last and x0.ndim == 4:
                         x0 = x0.contiguous(memory_format=torch.channels_last)
                     sync = world == 1 or micro == c.grad_accum - 1
