@@ -239,6 +239,10 @@ def test_timestep_grids(T, S):
         assert timestep_grid(T, S, "uniform")[[0, -1]].tolist() == [T - 1, 0]
         assert torch.equal(timestep_grid(T, S, "leading"), torch.arange(S - 1, -1, -1) * (T // S))
         assert timestep_grid(T, S, "trailing")[0] == T - 1
+    if (T, S) == (1000, 10):
+        # The DDIM paper's code: seq = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), S) ** 2].
+        paper = [int(s) for s in np.linspace(0, np.sqrt(T * 0.8), S) ** 2]
+        assert timestep_grid(T, S, "quad").flip(0).tolist() == paper
 
 
 def test_bad_inputs_raise_value_errors_naming_them(setup):
