@@ -245,3 +245,40 @@ def test_cli_toy_run(tmp_path):
     assert main(["nll", str(run), "--num", "32", "--timesteps", "4", "--device", "cpu"]) == 0
     report = json.loads(next((run / "eval").glob("nll-*.json")).read_text())
     assert report["decoder"] == "continuous" and report["dims"] == 2 and report["num_examples"] == 32
+
+
+def test_recipe_for_converted_diffusers_weights(tmp_path):
+    """docs/reproduce-cifar10.md section 3 on a small diffusers UNet2DModel in the DDPM layout
+    (google/ddpm-cifar10-32 cannot be downloaded here): converted, saved as a run, evaluated."""
+    import dataclasses
+
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm import UNet, load
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.cli_eval import main
+    from ddpm.presets import get_preset
+
+    torch.manual_seed(0)
+    hf = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        act_fn="silu", attention_head_dim=None, norm_eps=1e-6, norm_num_groups=8, downsample_padding=0,
+        flip_sin_to_cos=False, freq_shift=1, center_input_sample=False, time_embedding_type="positional").eval()
+    # -- the snippet of the doc --
+    model = UNet.from_diffusers(hf).eval()
+    config = dataclasses.replace(get_preset("cifar10"), model=model.config, name="ddpm-cifar10-32")
+    run = tmp_path / "ddpm-cifar10-32"
+    run.mkdir(parents=True, exist_ok=False)
+    (run / "config.json").write_text(config.to_json() + "\n")
+    save_checkpoint(run, 0, model, model, {"step": 0}, config)
+    # -- end --
+    loaded = load(run)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x, t), hf(x, t).sample, rtol=1e-4, atol=1e-4)
+    assert loaded.sample_kwargs["variance"] == "fixed_large" and loaded.schedule.num_timesteps == 1000
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", images=images)
+    assert main(["nll", str(run), "--data", f"npz:{tmp_path / 'data.npz'}", "--timesteps", "2", "--device", "cpu"]) == 0
+    report = json.loads(next((run / "eval").glob("nll-*.json")).read_text())
+    assert report["num_examples"] == 4 and report["dims"] == 3 * 8 * 8 and report["variance"] == "fixed_large"
