@@ -248,6 +248,7 @@ def sample(
 
     # Everything the loop needs lives on the device from here on: no host round trips per step.
     seeds = _resolve_seeds(generator, shape[0], device)
+    # Algorithm 2, line 1: x_T ~ N(0, I) (draw 0 of each sample's seed).
     x = gaussian_noise(seeds, 0, shape, dtype) if x_T is None else x_T.to(device, dtype)
     run = {"ddpm": _ddpm, "ddim": _ddim, "dpm++2m": _dpmpp_2m}[sampler]
     traj = {"timesteps": grid, "x_t": [x], "x0": []} if return_trajectory else None
@@ -298,7 +299,9 @@ def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, variance, clip_den
         i = S - 1 - j  # index into the (respaced) chain; 0 is the last step
         t_chain = torch.full((B,), i, dtype=torch.long, device=device)
         output = _call(model, x, model_t[j].expand(B))
-        # Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 on the last step.
+        # Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) except on the
+        # last step (z = 0, line 3), where mu_theta = x0_pred and the loop returns x_0 (line 6).
+        # mu_theta is the posterior mean at x0_pred (eq. 7), which is line 4's formula when unclipped.
         mean, var, _, x0 = p_mean_variance(chain, output, x, t_chain, prediction=prediction, variance=variance,
                                            clip_denoised=clip_denoised)
         x = mean + var.sqrt() * gaussian_noise(seeds, j + 1, x.shape, x.dtype) if i > 0 else mean
