@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                          "error": f"skipped: time budget spent ({elapsed:.0f} s)"})
             continue
         new = measure(w, models, device, flops, peak)
+        print(f"# {w.title}: {time.perf_counter() - start - elapsed:.0f} s, done at {time.perf_counter() - start:.0f} s",
+              flush=True)
         for r in new:
             print(fmt_row(r), flush=True)
         rows += new
