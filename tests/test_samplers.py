@@ -311,3 +311,14 @@ def test_zero_terminal_snr_with_v_prediction_runs():
         x = sample(lambda x, t: torch.tanh(x), schedule, (16, 2), sampler=sampler, steps=steps, prediction="v",
                    generator=0)
         assert torch.isfinite(x).all(), sampler
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 100])
+def test_every_sampler_spacing_and_variance_runs(steps):
+    schedule = NoiseSchedule.from_name("cosine", 100)
+    for sampler in SAMPLERS:
+        for spacing in ("uniform", "leading", "trailing", "quad", "logsnr"):
+            for variance in ("fixed_small", "fixed_large"):
+                x = sample(lambda x, t: 0.5 * x, schedule, (3, 2), sampler=sampler, steps=steps, spacing=spacing,
+                           variance=variance, generator=0)
+                assert torch.isfinite(x).all(), (sampler, spacing, variance)

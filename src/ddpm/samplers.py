@@ -294,6 +294,10 @@ def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, variance, clip_den
     S, T = len(grid), schedule.num_timesteps
     chain = schedule if S == T else _respaced_schedule(schedule, grid.flip(0))
     chain = chain.to(device)
+    if S == 1:
+        # The only step is the last (no noise): the variance is unused, and diffusion's fixed_large
+        # table (beta~_1, beta_2, ...) does not exist for a one-step chain.
+        variance = "fixed_small"
     model_t = grid.to(device)
     for j in _steps(grid, "ddpm", progress):
         i = S - 1 - j  # index into the (respaced) chain; 0 is the last step
