@@ -151,7 +151,8 @@ def check_reference(reference: str, ref_data: str | None = None) -> None:
         if not (ref_data or os.environ.get(CIFAR10_ENV)):
             raise UserError(f"--ref {reference} needs the CIFAR-10 folder: pass --ref-data DIR or set {CIFAR10_ENV}")
     elif not ((reference.endswith(".npz") and Path(reference).is_file()) or Path(reference).is_dir()):
-        raise UserError(f"unknown FID reference {reference!r}; use cifar10-train, cifar10-test, a stats/images .npz, or an image folder")
+        raise UserError(f"unknown FID reference {reference!r}; use cifar10-train, cifar10-test, "
+                        "a stats/images .npz, or an image folder")
 
 
 def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *, ref_data: str | None = None,
@@ -174,7 +175,8 @@ def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *,
             if meta.get("weights_sha256") and meta["weights_sha256"] != weights.sha256:
                 raise UserError(f"{ref_path} was computed with Inception weights {meta['weights_sha256'][:16]}..., "
                                 f"not {weights.sha256[:16]}...; recompute it")
-            return stats, {"name": meta.get("reference", str(ref_path)), "count": int(meta["count"]) if meta.get("count", "").isdigit() else None,
+            count = int(meta["count"]) if meta.get("count", "").isdigit() else None
+            return stats, {"name": meta.get("reference", str(ref_path)), "count": count,
                            "source": "stats file", "file": str(ref_path.resolve())}
         source = _fid.load_npz_images(ref_path)
         key = f"npz-{ref_path.stem}-{_fid.sha256_file(ref_path)[:12]}"

@@ -107,7 +107,8 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, *, download
     verified = digest == INCEPTION_SHA256
     if not verified and path.name in INCEPTION_FILENAMES:
         raise UserError(
-            f"{path} has SHA-256 {digest}, not the published {INCEPTION_SHA256}; the file is damaged: delete it and download again"
+            f"{path} has SHA-256 {digest}, not the published {INCEPTION_SHA256}; "
+            "the file is damaged: delete it and download again"
         )
     return InceptionWeights(str(path.resolve()), digest, verified)
 
@@ -186,7 +187,8 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def extract_stats(net: torch.nn.Module, batches: Iterable[np.ndarray], *, keep: int = 5000, progress: bool = False) -> FeatureStats:
+def extract_stats(net: torch.nn.Module, batches: Iterable[np.ndarray], *, keep: int = 5000,
+                  progress: bool = False) -> FeatureStats:
     """Run ``net`` over uint8 (B, H, W, C) batches and accumulate FeatureStats."""
     device = next(net.parameters()).device
     stats = FeatureStats(keep=keep)
@@ -248,13 +250,15 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> dict:
     return {"is_mean": out["inception_score_mean"], "is_std": out["inception_score_std"], "is_splits": splits}
 
 
-def kernel_inception_distance(features1: torch.Tensor, features2: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000) -> dict:
+def kernel_inception_distance(features1: torch.Tensor, features2: torch.Tensor, *, subsets: int = 100,
+                              subset_size: int = 1000) -> dict:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel, via torch-fidelity."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
     size = min(subset_size, len(features1), len(features2))
     out = kid_features_to_metric(features1, features2, kid_subsets=subsets, kid_subset_size=size, verbose=False)
-    return {"kid_mean": out["kernel_inception_distance_mean"], "kid_std": out["kernel_inception_distance_std"], "kid_subset_size": size}
+    return {"kid_mean": out["kernel_inception_distance_mean"], "kid_std": out["kernel_inception_distance_std"],
+            "kid_subset_size": size}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +279,8 @@ def stats_cache_path(directory: str | os.PathLike, reference_key: str, count: in
     return Path(directory) / f"{slug}-n{count}-inception-{weights_sha256[:16]}.npz"
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *, features: torch.Tensor | None = None, **meta) -> Path:
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *, features: torch.Tensor | None = None,
+               **meta) -> Path:
     """Write mu, sigma (float64), optional KID features and string metadata to an .npz atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

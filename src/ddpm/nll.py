@@ -155,8 +155,9 @@ def nll_bpd(
     the full evaluation ``terms_bpd`` (T,), the mean L_t per timestep.
     """
     T = schedule.num_timesteps
-    if device is None:
-        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) and any(True for _ in model.parameters()) else "cpu"
+    if device is None:  # the model's device when it has parameters, else the CPU
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        device = params[0].device if params else "cpu"
     sched = schedule.to(device)
     totals, priors, decoders, kls, per_t = [], [], [], [], []
     batches = _as_batches(data, batch_size, num)
