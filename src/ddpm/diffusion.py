@@ -265,8 +265,7 @@ def p_mean_variance(
     mean, var, log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
     if variance == "fixed_large":
         dt = _work_dtype(x_t)
-        large = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
-        var = extract(large, t, x_t.shape, dt)
+        var = extract(schedule.fixed_large_variance, t, x_t.shape, dt)
         log_var = torch.log(var)
     return mean, var, log_var, x0
 

@@ -101,7 +101,7 @@ class NoiseSchedule:
         "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
         "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
         "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance", "posterior_log_variance_clipped",
+        "posterior_variance", "posterior_log_variance_clipped", "fixed_large_variance",
         "posterior_mean_coef1", "posterior_mean_coef2", "log_snr",
     )
 
@@ -157,6 +157,9 @@ class NoiseSchedule:
                 # log(0) at t=0 is replaced by the next value, as in the paper's code.
                 "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:]))
                 if self.num_timesteps > 1 else np.log(np.maximum(post_var, 1e-20)),
+                # sigma_t^2 = beta_t ("fixed_large", section 3.2); index 0 takes beta~ of index 1, as
+                # the paper's code does for the decoder step. With T=1 there is no beta~ to take.
+                "fixed_large_variance": np.append(post_var[1], betas[1:]) if self.num_timesteps > 1 else betas,
                 # Eq. 7: mu~_t = coef1 * x0 + coef2 * x_t.
                 "posterior_mean_coef1": betas * np.sqrt(ab_prev) / (1.0 - ab),
                 "posterior_mean_coef2": (1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab),
