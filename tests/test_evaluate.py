@@ -230,6 +230,18 @@ def test_cli_nll_on_a_tiny_mnist_run(tiny_run):
         main(["bogus"])
 
 
+def test_ddpm_cli_forwards_eval(tiny_run, capsys, monkeypatch):
+    from ddpm.cli import main as ddpm_main
+
+    monkeypatch.delenv(evaluate.CIFAR10_ENV, raising=False)
+
+    assert ddpm_main(["eval", "nll", str(tiny_run), "--num", "2", "--timesteps", "1", "--device", "cpu",
+                      "--out", str(tiny_run / "eval" / "fwd.json")]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert ddpm_main(["eval", "fid", str(tiny_run), "--ref", "cifar10-train", "--ref-data", ""]) == 2
+    assert capsys.readouterr().err.startswith("ddpm: error: --ref cifar10-train needs the CIFAR-10 folder")
+
+
 def test_cli_toy_run(tmp_path):
     pytest.importorskip("ddpm.mlp")
     from ddpm.cli_eval import main
