@@ -21,7 +21,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def ddpm_cifar10_diffusers(block_out_channels=(128, 256, 256, 256), norm_num_groups=32, **kw):
+def ddpm_cifar10_diffusers(block_out_channels=(128, 256, 256, 256), norm_num_groups=32, attention_head_dim=None):
     """A randomly initialised diffusers UNet2DModel with google/ddpm-cifar10-32's config."""
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
@@ -29,9 +29,9 @@ def ddpm_cifar10_diffusers(block_out_channels=(128, 256, 256, 256), norm_num_gro
         block_out_channels=block_out_channels,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+        attention_head_dim=attention_head_dim, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
         norm_eps=1e-6, norm_num_groups=norm_num_groups, act_fn="silu", center_input_sample=False,
-        mid_block_scale_factor=1, time_embedding_type="positional", **kw,
+        mid_block_scale_factor=1, time_embedding_type="positional",
     ).eval()
 
 
@@ -153,6 +153,13 @@ def test_from_diffusers_state_dict_small_and_deprecated_names():
     config = preset_config("cifar10", ch=32, norm_groups=8)
     from_model = UNet.from_diffusers(peer).eval()
     assert from_model.config.norm_groups == 8
+    # Multi-head attention (diffusers' attention_head_dim) converts too.
+    peer4 = randomized(ddpm_cifar10_diffusers((32, 64, 64, 64), norm_num_groups=8, attention_head_dim=16))
+    heads4 = UNet.from_diffusers(peer4).eval()
+    assert heads4.config.num_heads == 4
+    with torch.no_grad():
+        expected4 = peer4(x, t).sample
+        assert (heads4(x, t) - expected4).abs().max() < 1e-4 * expected4.abs().max()
     # A bare state dict carries no norm group count: pass the config.
     sd = peer.state_dict()
     from_sd = UNet.from_diffusers(sd, config).eval()

@@ -412,7 +412,9 @@ def _diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> 
                 raise ValueError(f"from_diffusers: {key}={dc[key]!r} is not the DDPM layout; only {want!r} is supported")
         heads = {1}
         if dc.get("attention_head_dim") is not None:  # diffusers: heads = channels // attention_head_dim
-            heads = {c // dc["attention_head_dim"] for c in dc["block_out_channels"]}
+            boc, types = dc["block_out_channels"], dc["down_block_types"]
+            attn_ch = [c for c, kind in zip(boc, types) if "Attn" in kind] + [boc[-1]]  # + the mid block
+            heads = {c // dc["attention_head_dim"] for c in attn_ch}
         if len(heads) != 1 or dc.get("attn_norm_num_groups") is not None:
             raise ValueError("from_diffusers: attention_head_dim must give the same head count at every level, "
                              "and attn_norm_num_groups must be None")
