@@ -96,9 +96,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     assert load(tmp_path / "r").step == 5
 
 
-def test_hflip_and_toy_data_train(tmp_path):
+def test_hflip_fast_paths_and_toy_data_train(tmp_path):
     run_dir = train(tiny(**{"train.steps": 2, "data.hflip": True}), out=tmp_path / "flip")
     assert load(run_dir).step == 2
+    # channels_last weights are saved contiguous and load back into a plain model; bf16 autocast
+    fast = train(tiny(**{"train.steps": 2, "train.channels_last": True, "train.amp": "bf16"}), out=tmp_path / "fast")
+    run = load(fast)
+    assert run.step == 2 and all(torch.isfinite(v).all() for v in run.model.state_dict().values())
     pytest.importorskip("ddpm.mlp")
     toy = get_preset("toy2d").override(**{"train.steps": 3, "train.batch_size": 32, "train.progress": False,
                                            "train.ckpt_every": 0, "sample.num": 50, "sample.steps": 3})
