@@ -118,6 +118,16 @@ def _load(path: str, args):
     return load(path, ema=not args.no_ema, device=device), device
 
 
+def _effective_steps(sampler: str, steps: int | None, T: int) -> int:
+    """The number of sampling steps ``ddpm.sample`` will take, for the report (FID depends on it)."""
+    if steps is not None:
+        return min(steps, T)
+    from . import samplers
+
+    # samplers keeps its defaults private (ddpm: T, ddim: 50, dpm++2m: 20).
+    return min(getattr(samplers, "_DEFAULT_STEPS", {}).get(sampler, T), T)
+
+
 def _print_report(path: Path, summary: str) -> None:
     print(summary)
     print(f"report: {path}")
@@ -141,9 +151,10 @@ def cmd_fid(args) -> int:
 
         images = to_uint8(images_f)
         run_dir = run_dir_of(run)
-        tag = f"{args.sampler}-{args.steps or 'default'}-n{num}-seed{args.seed}"
+        steps = _effective_steps(args.sampler, args.steps, run.schedule.num_timesteps)
+        tag = f"{args.sampler}-{steps}-n{num}-seed{args.seed}"
         extra = {"run": str(src.resolve()), "checkpoint": str(run.path), "step": run.step, "sampler": args.sampler,
-                 "steps": args.steps, "eta": args.eta, "seed": args.seed, "amp": args.amp, "ema": not args.no_ema}
+                 "steps": steps, "eta": args.eta, "seed": args.seed, "amp": args.amp, "ema": not args.no_ema}
         if not args.no_save_samples:
             samples_path = run_dir / "eval" / f"samples-{tag}.npz"
             samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +234,8 @@ def cmd_nll(args) -> int:
     report = {"metric": "nll", **out, "data": spec, "split": args.split if decoder == "discretized" else None,
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
               "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
-    path = write_report(args.out or run_dir_of(run) / "eval" / f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}.json", report)
+    name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}.json"
+    path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
     _print_report(path, f"NLL <= {out['bpd']:.4f} +- {out['stderr']:.4f} bits/dim ({out['estimate']}, "
                         f"{out['num_examples']} items; prior {out['prior_bpd']:.5f}, decoder {out['decoder_bpd']:.4f})")
     return 0
@@ -242,10 +254,12 @@ def cmd_toy(args) -> int:
     samples = sample_run(run, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                          batch_size=args.sample_batch_size, device=device, amp=args.amp, progress=args.progress)
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
-    report.update({"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "seed": args.seed,
+    steps = _effective_steps(args.sampler, args.steps, run.schedule.num_timesteps)
+    report.update({"sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
                    "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step,
                    "ema": not args.no_ema})
-    path = write_report(args.out or run_dir_of(run) / "eval" / f"toy-{args.sampler}-{args.steps or 'default'}-n{args.num}.json", report)
+    name = f"toy-{args.sampler}-{steps}-n{args.num}.json"
+    path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "
             f"MMD^2 {report['mmd_rbf']:.5f} (truth vs truth {base['mmd_rbf']:.5f})")
