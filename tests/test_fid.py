@@ -221,3 +221,27 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
     with pytest.raises(UserError, match="ref-data"):
         monkeypatch.delenv(evaluate.CIFAR10_ENV, raising=False)
         evaluate.compute_fid(samples, "cifar10-train", weights=weights_file, device="cpu")
+
+
+def test_cifar10_reference_feeds_the_exact_uint8_images(net, weights_file, tmp_path):
+    """--ref cifar10-train reads the pickles through ddpm.data and hands Inception the original
+    8-bit pixels (the [-1, 1] round trip is exact); a two-batch folder written in the official format."""
+    from test_data import _write_cifar
+
+    from ddpm import evaluate
+    from ddpm.data import open_source
+
+    counts = (("data_batch_1", 1), ("data_batch_2", 1), ("test_batch", 1))
+    written = _write_cifar(tmp_path / "cifar-10-batches-py", counts)
+    rows = np.concatenate([written[f"data_batch_{i}"][0] for i in (1, 2)])  # (N, 3072): R, G, B planes
+    original = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    with pytest.warns(UserWarning, match="training batches"):  # 2 of the 5 batches
+        dataset = open_source(f"cifar10:{tmp_path}")
+    fed = np.concatenate(list(fid.iter_batches(dataset, 1)))
+    np.testing.assert_array_equal(fed, original)
+    w = fid.resolve_inception_weights(weights_file)
+    with pytest.warns(UserWarning, match="training batches"):
+        stats, info = evaluate.reference_statistics("cifar10-train", net, w, ref_data=str(tmp_path),
+                                                    cache=tmp_path / "c")
+    assert info == {"name": "cifar10-train", "count": 2, "source": "computed", "cache": info["cache"]}
+    assert "cifar10-train-n2-inception-" in info["cache"] and stats["mu"].shape == (2048,)
