@@ -63,7 +63,7 @@ def plan(device: torch.device, quick: bool) -> list[Workload]:
         base = [d32, o32, obf] if quick else [d32, o32, obf, dbf]
         b = 2 if quick else 8
         return [
-            Workload("train", b, reps=1 if quick else 5, contestants=base),
+            Workload("train", b, reps=1 if quick else 3, contestants=base),
             Workload("step", b, reps=2 if quick else 5, contestants=base),
             Workload("ddim", b, steps=3 if quick else 50, reps=1, warmup=0, contestants=[d32, o32, obf]),
         ]

@@ -131,7 +131,6 @@ class GraphedModel(nn.Module):
         self.warmup = warmup
         self.clone_output = clone_output
         self._graphs: dict[tuple, tuple] = {}
-        self._pool = None
 
     def __getattr__(self, name: str):
         # Let callers read attributes such as ``config`` of the wrapped model.
@@ -165,10 +164,10 @@ class GraphedModel(nn.Module):
             for _ in range(self.warmup):
                 self.model(static_x, static_t)
         torch.cuda.current_stream(x.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        # Each graph gets its own memory pool: a shared pool could hand one graph's temporaries
+        # to another graph's static output, which a replay of the first would then overwrite.
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             static_out = self.model(static_x, static_t)
         return graph, static_x, static_t, static_out
 
