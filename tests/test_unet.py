@@ -78,6 +78,19 @@ def test_presets_run_and_keep_shape(name):
     assert out.shape == (2, c.out_channels, c.image_size, c.image_size) and out.dtype == x.dtype
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{"resamp_with_conv": False}, {"mid_attn": False, "attn_resolutions": ()}, {"num_heads": 2, "out_channels": 6}],
+)
+def test_architecture_options(overrides):
+    model = UNet.from_preset("tiny", **overrides).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert model(x, torch.tensor([0, 9])).shape == (2, model.config.out_channels, 16, 16)
+    if not model.config.resamp_with_conv:
+        assert model.down[0].resample.conv is None and model.up[0].resample.conv is None
+
+
 def test_output_depends_on_t_and_accepts_int_float_and_scalar_t():
     model = randomized(UNet.from_preset("tiny", in_channels=1, image_size=28))
     x = torch.randn(2, 1, 28, 28)
