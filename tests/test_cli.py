@@ -137,3 +137,23 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("ddpm: error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch):
+    import importlib
+    import signal
+
+    train_module = importlib.import_module("ddpm.train")
+    real_lr_at = train_module._lr_at
+
+    def press_ctrl_c(config, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(config, step)
+
+    monkeypatch.setattr(train_module, "_lr_at", press_ctrl_c)
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--steps", "100", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2" in err and "--resume" in err and "Traceback" not in err
+    assert (out / "ckpt-0000002" / "state.pt").is_file()
