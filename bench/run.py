@@ -116,12 +116,15 @@ def measure(w: Workload, models: dict, device: torch.device, flops: dict, peak_t
     for row in rows:
         if row["key"] not in seconds:
             continue
-        s = seconds[row["key"]]
+        m = seconds[row["key"]]
+        s, cpu = m["wall"], m["cpu"]
         if w.diffusers_steps and row["side"] == "diffusers":
             row["extrapolated_from_steps"] = w.diffusers_steps
-            s *= w.steps / w.diffusers_steps
-        row["seconds"] = s
+            s, cpu = s * w.steps / w.diffusers_steps, cpu * w.steps / w.diffusers_steps
+        row["seconds"], row["wall_samples"] = s, m["wall_samples"]
         row["images_per_s"] = w.batch / s
+        if device.type == "cpu":
+            row["cpu_seconds"] = cpu
         if w.name in ("train", "step"):  # a sampling loop's peak is one step's: not re-run for it
             mem, what = timing.peak_memory(fns[row["key"]], device)
             row["peak_mem_mib"] = None if mem is None else mem / 2**20
@@ -169,8 +172,9 @@ def ratios(rows: list[dict]) -> list[str]:
         name = rs[0]["workload"]
         for o in (r for r in rs if r["side"] == "ours"):
             for d in (r for r in rs if r["side"] == "diffusers"):
+                cpu = f" | {d['cpu_seconds'] / o['cpu_seconds']:.2f}x" if "cpu_seconds" in o and "cpu_seconds" in d else ""
                 out.append(f"| {name} | {o['key']} ({o['mode']}) | {d['key']} ({d['mode']}) | "
-                           f"**{d['seconds'] / o['seconds']:.2f}x** |")
+                           f"**{d['seconds'] / o['seconds']:.2f}x**{cpu} |")
     return out
 
 
@@ -180,19 +184,24 @@ def fmt_row(r: dict) -> str:
     mem = "as one step" if "mem_kind" not in r else "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f} MiB"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
     s = f"{r['seconds']:.3f} s" if r["seconds"] >= 0.1 else f"{1e3 * r['seconds']:.2f} ms"
+    if "cpu_seconds" in r:
+        s += f" (CPU {r['cpu_seconds']:.2f} s)"
     if "extrapolated_from_steps" in r:
         s += f" ({r['extrapolated_from_steps']} of {r['steps']} steps timed, scaled)"
     return f"| {r['workload']} | {r['key']} | {r['mode']} | {r['images_per_s']:.1f} | {s} | {mem} | {mfu} |"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"### {meta['device_name']} ({meta['date']})", ""]
+    lines = [f"#### {meta['device_name']} ({meta['date']})", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("date",)]
-    lines += ["", "| workload | contestant | mode | images/s | time per call | peak memory | MFU |",
+    lines += ["", "| workload | contestant | mode | images/s | median time per call | peak memory | MFU |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     lines += [fmt_row(r) for r in rows]
-    lines += ["", "Speed-up (diffusers time / ours time; above 1 means ours is faster):", "",
-              "| workload | ours | diffusers | speed-up |", "| --- | --- | --- | ---: |"]
+    cpu = any("cpu_seconds" in r for r in rows)
+    lines += ["", "Speed-up (diffusers time / ours time; above 1 means ours is faster"
+              + ("; by median wall-clock time, then by median process CPU time" if cpu else "") + "):", "",
+              "| workload | ours | diffusers | speed-up |" + (" by CPU time |" if cpu else ""),
+              "| --- | --- | --- | ---: |" + (" ---: |" if cpu else "")]
     lines += ratios(rows)
     return "\n".join(lines) + "\n"
 

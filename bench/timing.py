@@ -20,20 +20,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, iters: int = 1) -> float:
-    """Seconds per call of ``fn``, averaged over ``iters`` back-to-back calls (device-synchronised)."""
+def time_call(fn: Callable[[], object], device: torch.device, iters: int = 1) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per call of ``fn``, averaged over ``iters`` back-to-back
+    calls (device-synchronised). On a CPU shared with other jobs the CPU time of a one-thread run
+    counts only the cycles the work itself got, so it is the steadier measure there."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / iters, (time.process_time() - cpu_start) / iters
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, reps: int, iters: int = 1,
-                warmup: int = 1) -> tuple[dict[str, float], dict[str, str]]:
-    """Median seconds per call of each function, measured A B A B ... ``reps`` times, and the
-    error of each function that failed during its warm-up (it is then left out).
+                warmup: int = 1) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per function: median wall-clock and CPU seconds per call, measured A B A B ... ``reps``
+    times, and all wall-clock samples; and the error of each function that failed during its
+    warm-up (it is then left out).
 
     Every function first runs ``warmup`` times (compilation, autotuning, allocator growth), using
     its ``.warm`` attribute when it has one (a cheaper call on the same shapes).
@@ -47,11 +50,16 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, r
         except Exception as e:  # one contestant's failure (a mode this torch cannot do) spares the rest
             errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     live = {name: fn for name, fn in fns.items() if name not in errors}
-    samples: dict[str, list[float]] = {name: [] for name in live}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in live}
     for _ in range(reps):
         for name, fn in live.items():
             samples[name].append(time_call(fn, device, iters))
-    return {name: statistics.median(v) for name, v in samples.items()}, errors
+    out = {
+        name: {"wall": statistics.median(w for w, _ in v), "cpu": statistics.median(c for _, c in v),
+               "wall_samples": [round(w, 4) for w, _ in v]}
+        for name, v in samples.items()
+    }
+    return out, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,5 +140,5 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> f
         a @ b
     times = []
     for _ in range(reps):
-        times.append(time_call(lambda: a @ b, device))
+        times.append(time_call(lambda: a @ b, device)[0])
     return 2 * n**3 / statistics.median(times) / 1e12
