@@ -304,7 +304,8 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                 else:
                     stop = world == 1 and _should_stop(c.max_minutes, t_start, sigint[0], 1, device)
                 final = step == c.steps or stop
-                if rank == 0 and ((c.sample_every and step % c.sample_every == 0) or final):
+                # (no final grid after Ctrl-C: the user wants out, the checkpoint is what matters)
+                if rank == 0 and ((c.sample_every and step % c.sample_every == 0) or (final and not sigint[0])):
                     name = "final" if final else f"step-{step:07d}"
                     _save_preview(ema, schedule, config, run_dir / "samples" / f"{name}.png", device, amp)
                 if (c.ckpt_every and step % c.ckpt_every == 0) or final:
