@@ -299,7 +299,9 @@ class UNet(nn.Module):
         return cls(preset_config(name, **overrides))
 
     @classmethod
-    def from_diffusers(cls, model_or_state_dict, config: UNetConfig | None = None, *, image_size: int | None = None) -> UNet:
+    def from_diffusers(
+        cls, model_or_state_dict, config: UNetConfig | None = None, *, image_size: int | None = None
+    ) -> UNet:
         """Convert a diffusers ``UNet2DModel`` in the DDPM layout (google/ddpm-cifar10-32) or its
         state dict into a UNet computing the same function.
 
@@ -409,7 +411,7 @@ def _diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> 
         sd, dc = model_or_state_dict.state_dict(), dict(model_or_state_dict.config)
         for key, want in _DIFFUSERS_REQUIRED.items():
             if key in dc and dc[key] != want and not (key == "mid_block_scale_factor" and float(dc[key]) == 1.0):
-                raise ValueError(f"from_diffusers: {key}={dc[key]!r} is not the DDPM layout; only {want!r} is supported")
+                raise ValueError(f"from_diffusers: {key}={dc[key]!r} is not the DDPM layout; only {want!r} works")
         heads = {1}
         if dc.get("attention_head_dim") is not None:  # diffusers: heads = channels // attention_head_dim
             boc, types = dc["block_out_channels"], dc["down_block_types"]
@@ -418,13 +420,15 @@ def _diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> 
         if len(heads) != 1 or dc.get("attn_norm_num_groups") is not None:
             raise ValueError("from_diffusers: attention_head_dim must give the same head count at every level, "
                              "and attn_norm_num_groups must be None")
-        image_size = image_size or int(dc["sample_size"] if isinstance(dc["sample_size"], int) else dc["sample_size"][0])
-        extra = {"dropout": float(dc.get("dropout", 0.0)), "norm_groups": int(dc["norm_num_groups"]), "norm_eps": float(dc["norm_eps"]),
-                 "num_heads": heads.pop()}
+        size = dc["sample_size"]
+        image_size = image_size or int(size if isinstance(size, int) else size[0])
+        extra = {"dropout": float(dc.get("dropout", 0.0)), "norm_groups": int(dc["norm_num_groups"]),
+                 "norm_eps": float(dc["norm_eps"]), "num_heads": heads.pop()}
     elif isinstance(model_or_state_dict, dict):
         sd, extra = model_or_state_dict, {"dropout": 0.0}
     else:
-        raise TypeError(f"from_diffusers expects a diffusers UNet2DModel or its state dict, got {type(model_or_state_dict).__name__}")
+        kind = type(model_or_state_dict).__name__
+        raise TypeError(f"from_diffusers expects a diffusers UNet2DModel or its state dict, got {kind}")
     try:  # the architecture, read from the weights' shapes
         ch, in_channels = sd["conv_in.weight"].shape[:2]
         n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
@@ -468,7 +472,8 @@ def _convert_diffusers_state_dict(sd: dict, ours: dict) -> dict:
         if new.endswith("proj_out.weight") and value.dim() > 2:
             out[new] = value = value.reshape(value.shape[0], -1)
         if tuple(value.shape) != tuple(ours[new].shape):
-            raise ValueError(f"from_diffusers: {new!r} has shape {tuple(value.shape)}, expected {tuple(ours[new].shape)}")
+            shape, want = tuple(value.shape), tuple(ours[new].shape)
+            raise ValueError(f"from_diffusers: {new!r} has shape {shape}, expected {want}")
     missing = sorted(set(ours) - set(out))
     if missing:
         raise ValueError(f"from_diffusers: missing weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
