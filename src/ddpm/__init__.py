@@ -38,6 +38,8 @@ _EXPORTS = {
     "UNet": "unet",
     "UNetConfig": "unet",
     "MLPDenoiser": "mlp",
+    "MLPConfig": "mlp",
+    "PRESETS": "unet",
     "train": "train",
     "TrainConfig": "train",
     "load": "checkpoint",
