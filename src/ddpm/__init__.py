@@ -39,7 +39,6 @@ _EXPORTS = {
     "UNetConfig": "unet",
     "MLPDenoiser": "mlp",
     "MLPConfig": "mlp",
-    "PRESETS": "unet",
     "train": "train",
     "TrainConfig": "train",
     "load": "checkpoint",
