@@ -22,6 +22,13 @@ TRAIN_EXAMPLES = """examples:
   ddpm train --config my.toml --lr 1e-4 --set train.ema_decay=0.999
   torchrun --nproc_per_node 8 -m ddpm train --preset cifar10 --data cifar10:~/data/cifar10 --out runs/c10
 """
+QUICKSTART = """examples:
+  ddpm train                                   # about 15 minutes on a laptop CPU: digits in runs/mnist-DATE/samples
+  ddpm sample runs/mnist-DATE --num 64 --out digits.png
+  ddpm schedules --plot schedules.png
+  ddpm eval toy runs/moons
+run `ddpm COMMAND --help` for each command's options and examples.
+"""
 SAMPLE_EXAMPLES = """examples:
   ddpm sample runs/mnist-20250101-120000 --num 64 --out digits.png
   ddpm sample runs/c10 --num 50000 --sampler ddim --steps 100 --batch-size 500 --out samples.npz
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
-                     formatter_class=fmt, epilog=TRAIN_EXAMPLES.replace("examples:", "examples (train):"))
+                     formatter_class=fmt, epilog=QUICKSTART)
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
