@@ -9,6 +9,21 @@ the passing samples, which must show all ten digits in fair shares.
     python bench/mnist_quality.py runs/mnist-20250101-120000                 # 1000 samples, run's preview sampler
     python bench/mnist_quality.py runs/mnist-... --sampler ddpm --num 1000
     python bench/mnist_quality.py --npz samples.npz
+
+Measured (2026-11-27; pass = confidence > 0.9, 1000 samples unless noted; classifier 98.7% test
+accuracy). All runs: the mnist preset's U-Net (ch 32, mult 1-2-2, 1 res block, 1.06M params),
+bf16 autocast, trained on an H200 for speed (the CPU gives the same numbers: P1 below scored
+0.733 with an identical histogram when sampled on the CPU).
+  sweep 1 (bench/mnist_sweep.sh, compared at ~1000 steps, DDIM-50):
+    L_simple const lr 0.528 | min-SNR + cosine 0.564 | L_simple + cosine 0.532 | min-SNR const 0.567
+    lr 2e-3 0.520 | batch 128 0.599 (1000 of 1300 steps) | 2 res blocks + attn 7x7 0.512 (800 steps)
+    samplers on min-SNR + cosine: ancestral-1000 0.623, DDIM-50 0.564, DPM++2M-20 0.576
+  sweep 2 (bench/mnist_sweep2.sh, min-SNR + cosine, DDIM-50 by checkpoint):
+    P1 batch 64, 3600 steps:  1200: 0.586  2400: 0.699  3600: 0.733  (ancestral-1000: 0.753)
+    P2 batch 128, 2400 steps:  800: 0.584  1600: 0.682  2400: 0.727  (ancestral-1000: 0.789)
+  samplers on P1, the same 300 seeds: DDIM-50 0.690, ancestral-100 0.743, ancestral-250 0.740
+Step cost on this 2-core CPU (idle): about 0.25 s at batch 64 in bf16 (0.38 s of one core's
+thread time; float32 is 2x slower), so 15 minutes hold about 3000 steps: the preset's budget.
 """
 
 from __future__ import annotations
