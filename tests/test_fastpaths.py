@@ -3,6 +3,8 @@ autocast within bf16 rounding, channels_last and CUDA-graph replay to float32 ro
 EMA and optimizer equal to their textbook formulas, and samples from one seed unchanged in
 distribution-free terms (the same images up to bf16 tolerance)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -133,13 +135,15 @@ def test_graphed_model_on_cuda_replays_the_eager_function():
             torch.testing.assert_close(graphed(x, t), model(x, t), rtol=1e-5, atol=1e-5)
 
 
-def test_same_seed_gives_the_same_samples_in_bf16_and_through_the_graph_wrapper():
+def test_same_seed_gives_the_same_samples_in_the_fast_mode():
+    # The CPU's best mode (docs/benchmarks.md): bf16 autocast, channels_last, behind the graph wrapper.
     model = _random_unet()
+    fast_model = accel.prepare_model(copy.deepcopy(model), channels_last=True)
     schedule = NoiseSchedule.from_name("sqrt_linear", 1000)
     shape = (4, 3, 16, 16)
     with torch.no_grad():
         ref = sample(model, schedule, shape, sampler="ddim", steps=10, generator=0)
         with accel.autocast("cpu", "bf16"):
-            fast = sample(accel.GraphedModel(model), schedule, shape, sampler="ddim", steps=10, generator=0)
+            fast = sample(accel.GraphedModel(fast_model), schedule, shape, sampler="ddim", steps=10, generator=0)
     assert ref.std() > 0.1
-    assert 0 < _rel(fast, ref) < 5e-2  # measured 2.2e-2: ten steps of a random network compound bf16 rounding
+    assert 0 < _rel(fast, ref) < 5e-2  # measured about 2e-2: ten steps of a random network compound bf16 rounding
