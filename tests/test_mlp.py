@@ -6,14 +6,6 @@ import torch
 from ddpm.mlp import MLPConfig, MLPDenoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small ops on a shared, oversubscribed CPU run far faster on one thread than on two
-    # OpenMP threads that wait for each other; restored afterwards for other test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_shapes_and_t_forms():

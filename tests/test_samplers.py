@@ -22,14 +22,6 @@ from gmm import GaussianMixture
 N = 4000  # points per oracle run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The oracle's tensors are tiny: with 2 threads on a shared machine OpenMP hand-offs, not
-    # arithmetic, dominate (about 8x slower). Restored after each test.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,6 @@ from ddpm.unet import PRESETS, UNet, UNetConfig, preset_config, timestep_embeddi
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small ops on a shared, oversubscribed CPU run far faster on one thread than on two
-    # OpenMP threads that wait for each other; restored afterwards for other test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ddpm_cifar10_diffusers(block_out_channels=(128, 256, 256, 256), norm_num_groups=32, attention_head_dim=None):
