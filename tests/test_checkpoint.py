@@ -15,13 +15,6 @@ from ddpm.presets import TrainConfig, get_preset, read_config_file, resolve_conf
 from ddpm.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The suite shares 2 cores with other jobs; oversubscribed oneDNN threads slow tiny convs 50x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**overrides) -> TrainConfig:

@@ -16,12 +16,6 @@ from ddpm.cli import main
 TINY = ["--preset", "tiny", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(*argv: str, cwd=None) -> subprocess.CompletedProcess:

@@ -33,13 +33,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = get_preset("tiny").override(**{"train.steps": steps, "train.batch_size": batch, "train.device": "cpu"})
-        single = train(config, out=tmp_path / "single")
-    finally:
-        torch.set_num_threads(before)
+    config = get_preset("tiny").override(**{"train.steps": steps, "train.batch_size": batch, "train.device": "cpu"})
+    single = train(config, out=tmp_path / "single")
 
     ckpt = f"ckpt-{steps:07d}"
     for name in ("model", "ema"):

@@ -19,13 +19,6 @@ from ddpm.train import IndexStream, TrainingInterrupted, _ema_decay_at, _lr_at, 
 train_module = importlib.import_module("ddpm.train")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The suite shares 2 cores with other jobs; oversubscribed oneDNN threads slow tiny convs 50x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**overrides):

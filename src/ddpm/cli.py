@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--num-workers", "train.num_workers", int, "data loading workers"),
     ]
     for flag, key, typ, help_ in flags:
-        t.add_argument(flag, dest="ov:" + key, type=typ, default=None, help=help_)
+        t.add_argument(flag, dest="ov:" + key, type=typ, default=None, help=help_,
+                       metavar=flag.lstrip("-").replace("-", "_").upper())
     t.add_argument("--compile", dest="ov:train.compile", action="store_const", const=True, help="torch.compile the model")
     t.add_argument("--channels-last", dest="ov:train.channels_last", action="store_const", const=True, help="NHWC layout")
     t.add_argument("--hflip", dest="ov:data.hflip", action=argparse.BooleanOptionalAction, default=None,
