@@ -148,8 +148,7 @@ def main() -> None:
         from ddpm.samplers import per_sample_seeds
 
         run = ddpm.load(args.run, device=args.device)
-        kw = dict(run.sample_kwargs)
-        shape = kw.pop("shape")
+        kw, shape = run.sample_kwargs, run.shape
         sampler = args.sampler or run.config.sample.sampler
         steps = args.steps if args.steps is not None else (run.config.sample.steps if sampler == run.config.sample.sampler else None)
         chunks, t0 = [], time.time()

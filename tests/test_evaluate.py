@@ -166,7 +166,7 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
     from ddpm.data import open_source
 
     cfg = evaluate.PeriodicEvalConfig()
-    assert evaluate.periodic_eval(None, schedule, cfg, step=100, run_dir=tmp_path, sample_kwargs={}) is None
+    assert evaluate.periodic_eval(None, schedule, cfg, step=100, run_dir=tmp_path, shape=(2,), sample_kwargs={}) is None
     with pytest.raises(ValueError, match="periodic metric"):
         evaluate.PeriodicEvalConfig(metrics=("psnr",))
     data = open_source("toy:gaussian_mixture")
@@ -181,7 +181,7 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
     model = Model().train()
     cfg = evaluate.PeriodicEvalConfig(every=10, num=64, steps=5, nll_timesteps=4)
     rec = evaluate.periodic_eval(model, schedule, cfg, step=20, run_dir=tmp_path, data=data, device="cpu",
-                                 sample_kwargs={"shape": (2,), "prediction": "eps", "variance": "fixed_large",
+                                 shape=(2,), sample_kwargs={"prediction": "eps", "variance": "fixed_large",
                                                 "clip_denoised": False})
     assert rec["step"] == 20 and {"toy", "nll"} <= set(rec) and model.training
     line = json.loads((tmp_path / "eval" / "periodic.jsonl").read_text().splitlines()[-1])

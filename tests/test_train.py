@@ -101,7 +101,7 @@ def test_hflip_fast_paths_and_toy_data_train(tmp_path):
                                            "train.ckpt_every": 0, "sample.num": 50, "sample.steps": 3})
     run_dir = train(toy, out=tmp_path / "toy")
     run = load(run_dir)
-    assert run.sample_kwargs["shape"] == (2,) and (run_dir / "samples" / "final.png").is_file()
+    assert run.shape == (2,) and (run_dir / "samples" / "final.png").is_file()
 
 
 def test_index_stream_is_a_sequence_of_epoch_permutations():

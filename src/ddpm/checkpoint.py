@@ -174,11 +174,16 @@ def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 @dataclass
 class LoadedRun:
-    """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.sample_kwargs.pop('shape')), ...)``."""
+    """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.shape), **run.sample_kwargs)``.
+
+    ``shape`` is one item's shape, (C, H, W) or (dim,); ``sample_kwargs`` holds the run's
+    prediction, variance and clipping, which every sampler accepts.
+    """
 
     model: torch.nn.Module
     schedule: Any  # NoiseSchedule
     config: TrainConfig
+    shape: tuple
     sample_kwargs: dict
     path: Path
     step: int | None
@@ -223,7 +228,8 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     model.to(device).eval().requires_grad_(False)
     schedule = config.diffusion.make_schedule().to(device)
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    return LoadedRun(model=model, schedule=schedule, config=config, sample_kwargs=sample_kwargs(config),
+    return LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
+                     sample_kwargs=sample_kwargs(config),
                      path=weights_path, step=step)
 
 
@@ -236,5 +242,4 @@ def item_shape(config: TrainConfig) -> tuple[int, ...]:
 
 def sample_kwargs(config: TrainConfig) -> dict:
     d = config.diffusion
-    return {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised,
-            "shape": item_shape(config)}
+    return {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised}

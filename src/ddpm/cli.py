@@ -175,8 +175,7 @@ def cmd_sample(args) -> int:
         raise UserError("--num and --batch-size must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     run = load(args.path, ema=not args.no_ema, device=device)
-    kw = dict(run.sample_kwargs)
-    shape = kw.pop("shape")
+    kw, shape = run.sample_kwargs, run.shape
     preview = run.config.sample
     sampler = args.sampler or preview.sampler
     steps = args.steps if args.steps is not None else (preview.steps if sampler == preview.sampler else None)

@@ -210,7 +210,7 @@ def cmd_nll(args) -> int:
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
     run, device = _load(args.run, args)
     spec = _data_spec(args, run)
-    shape = tuple(run.sample_kwargs["shape"])
+    shape = tuple(run.shape)
     if spec.startswith("toy:"):
         from .data import check_toy, toy_sample
 

@@ -98,8 +98,7 @@ def sample_run(run, num: int, *, sampler: str = "ddpm", steps: int | None = None
     from .samplers import per_sample_seeds, sample
 
     device = device or default_device()
-    kwargs = dict(run.sample_kwargs)
-    shape = tuple(kwargs.pop("shape"))
+    kwargs, shape = dict(run.sample_kwargs), tuple(run.shape)
     model = run.model
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
@@ -350,10 +349,10 @@ class PeriodicEvalConfig:
 
 @torch.no_grad()
 def periodic_eval(model, schedule, config: PeriodicEvalConfig, *, step: int, run_dir: str | os.PathLike,
-                  sample_kwargs: dict, data=None, device=None) -> dict | None:
+                  shape: tuple, sample_kwargs: dict, data=None, device=None) -> dict | None:
     """Run the configured metrics when ``step`` is a multiple of ``config.every`` and append one
-    JSON line to RUN_DIR/eval/periodic.jsonl. ``sample_kwargs`` is as in ``LoadedRun`` (with
-    ``shape``); ``data`` is the training Dataset (its ``.kind``/``.name`` pick toy metrics).
+    JSON line to RUN_DIR/eval/periodic.jsonl. ``shape`` (one item's) and ``sample_kwargs`` are as
+    in ``LoadedRun``; ``data`` is the training Dataset (its ``.kind``/``.name`` pick toy metrics).
     Returns the record, or None when nothing ran. The model is put back in its previous mode."""
     if not config.every or step % config.every:
         return None
@@ -366,7 +365,8 @@ def periodic_eval(model, schedule, config: PeriodicEvalConfig, *, step: int, run
     if device is None:
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         device = params[0].device if params else default_device()
-    run = type("Run", (), {"model": model, "schedule": schedule, "sample_kwargs": sample_kwargs, "config": None})
+    run = type("Run", (), {"model": model, "schedule": schedule, "shape": shape, "sample_kwargs": sample_kwargs,
+                           "config": None})
     record = {"step": int(step), "sampler": config.sampler, "steps": config.steps, "num": config.num}
     kind = getattr(data, "kind", None)
     try:
