@@ -123,3 +123,22 @@ def test_lr_warmup_cosine_and_ema_warmup():
     assert _ema_decay_at(c, 0) == pytest.approx(1 / 10) and _ema_decay_at(c, 10**6) == 0.999
     c = c.override(**{"train.ema_warmup": 0})
     assert _ema_decay_at(c, 0) == 0.999
+
+
+def test_periodic_eval_runs_every_n_steps_when_asked_and_is_off_by_default(tmp_path):
+    import json
+
+    base = {"train.steps": 4, "train.batch_size": 32, "train.progress": False, "train.ckpt_every": 0,
+            "train.sample_every": 0, "sample.num": 16, "sample.steps": 2}
+    off = train(get_preset("toy2d").override(**base), out=tmp_path / "off")
+    assert not (off / "eval").exists()
+
+    on = get_preset("toy2d").override(**base, **{"eval.every": 2, "eval.num": 64, "eval.steps": 3,
+                                                  "eval.nll_timesteps": 2})
+    run_dir = train(on, out=tmp_path / "on")
+    records = [json.loads(line) for line in (run_dir / "eval" / "periodic.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert r["toy"]["num_samples"] == 64 and math.isfinite(r["nll"]["bpd"])
+    with pytest.raises(ValueError, match="periodic metric"):
+        get_preset("toy2d").override(**{"eval.metrics": ["psnr"]})

@@ -54,6 +54,7 @@ _EXPORTS = {
     "mmd_rbf": "evaluate",
     "periodic_eval": "evaluate",
     "PeriodicEvalConfig": "evaluate",
+    "EvalConfig": "presets",
     "frechet_distance": "fid",
     "open_source": "data",
     "toy_sample": "data",

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--device", "train.device", str, "auto, cpu, cuda"),
         ("--image-size", "data.image_size", int, "resize images of the data source"),
         ("--num-workers", "train.num_workers", int, "data loading workers"),
+        ("--eval-every", "eval.every", int, "evaluate the EMA model every N steps (0 = off; see eval.* keys)"),
     ]
     for flag, key, typ, help_ in flags:
         t.add_argument(flag, dest="ov:" + key, type=typ, default=None, help=help_,

@@ -31,6 +31,9 @@ import torch
 
 from . import fid as _fid
 from .errors import UserError
+from .presets import EvalConfig
+
+PeriodicEvalConfig = EvalConfig  # the name this module first used
 
 CIFAR10_ENV = "DDPM_CIFAR10_DIR"
 CIFAR10_REFS = {"cifar10-train": "train", "cifar10-test": "test"}
@@ -319,36 +322,8 @@ def toy_metrics(samples: torch.Tensor, name: str, *, seed: int = 0) -> dict:
 # Evaluation during training (off by default)
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class PeriodicEvalConfig:
-    """Evaluation every ``every`` training steps (0 = off) on a small sample count.
-
-    ``metrics``: any of "toy" (toy runs), "nll" (stratified bound on ``num`` data items), "fid"
-    (needs Inception weights and a reference). Samples use ``sampler``/``steps``.
-    """
-
-    every: int = 0
-    metrics: tuple[str, ...] = ("toy", "nll")
-    num: int = 256
-    sampler: str = "ddim"
-    steps: int = 50
-    nll_timesteps: int = 32
-    fid_ref: str | None = None
-    ref_data: str | None = None
-    inception_weights: str | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        allowed = ("toy", "nll", "fid")
-        bad = [m for m in self.metrics if m not in allowed]
-        if bad:
-            raise ValueError(f"unknown periodic metric {bad[0]!r}; choose from {', '.join(allowed)}")
-        if self.every < 0 or self.num < 2:
-            raise ValueError("periodic eval needs every >= 0 and num >= 2")
-
-
 @torch.no_grad()
-def periodic_eval(model, schedule, config: PeriodicEvalConfig, *, step: int, run_dir: str | os.PathLike,
+def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: str | os.PathLike,
                   shape: tuple, sample_kwargs: dict, data=None, device=None) -> dict | None:
     """Run the configured metrics when ``step`` is a multiple of ``config.every`` and append one
     JSON line to RUN_DIR/eval/periodic.jsonl. ``shape`` (one item's) and ``sample_kwargs`` are as

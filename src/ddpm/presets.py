@@ -165,6 +165,37 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training every ``every`` steps (0 = off, the default), on rank 0 with the
+    EMA model and a small sample count (``ddpm.evaluate.periodic_eval``; one JSON line per
+    evaluation in RUN_DIR/eval/periodic.jsonl).
+
+    ``metrics``: any of "toy" (toy runs), "nll" (stratified bound on ``num`` data items), "fid"
+    (needs Inception weights and a reference, ``fid_ref``). Samples use ``sampler``/``steps``.
+    """
+
+    every: int = 0
+    metrics: tuple = ("toy", "nll")
+    num: int = 256
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddim"
+    steps: int = 50
+    nll_timesteps: int = 32
+    fid_ref: Optional[str] = None
+    ref_data: Optional[str] = None
+    inception_weights: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_literals(self)
+        self.metrics = tuple(self.metrics)
+        allowed = ("toy", "nll", "fid")
+        bad = [m for m in self.metrics if m not in allowed]
+        _require(not bad, f"unknown periodic metric {bad[0]!r}; choose from {', '.join(allowed)}" if bad else "")
+        _require(self.every >= 0 and self.num >= 2, "periodic eval needs every >= 0 and num >= 2")
+        _require(self.steps >= 1 and self.nll_timesteps >= 1, "eval steps and nll_timesteps must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; ``model`` is a ``UNetConfig`` or an ``MLPConfig``."""
 
@@ -174,6 +205,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
 
     def to_dict(self) -> dict:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from . import accel
 from .checkpoint import (atomic_write_text, item_shape, latest_checkpoint, load_weights_into, read_state,
-                         read_weights, save_checkpoint)
+                         read_weights, sample_kwargs, save_checkpoint)
 from .diffusion import training_loss
 from .errors import UserError
 from .presets import TrainConfig, build_model, get_preset, resolve_config  # noqa: F401  (re-exported)
@@ -310,6 +310,11 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                     _save_preview(ema, schedule, config, run_dir / "samples" / f"{name}.png", device, amp)
                 if (c.ckpt_every and step % c.ckpt_every == 0) or final:
                     checkpoint()
+                if rank == 0 and config.eval.every and step % config.eval.every == 0:
+                    from .evaluate import periodic_eval
+
+                    periodic_eval(ema, schedule, config.eval, step=step, run_dir=run_dir, shape=shape,
+                                  sample_kwargs=sample_kwargs(config), data=dataset, device=device)
                 if stop:
                     interrupted = sigint[0]
                     break
