@@ -28,8 +28,11 @@ def test_bad_inputs():
         MLPConfig(hidden=0)
     with pytest.raises(ValueError, match="time_embed_dim"):
         MLPConfig(time_embed_dim=7)
-    with pytest.raises(ValueError, match="unknown fields"):
-        MLPConfig.from_dict({"dim": 2, "width": 3})
+    from ddpm.errors import UserError
+    from ddpm.presets import TrainConfig
+
+    with pytest.raises(UserError, match="unknown config key 'model.width'"):
+        TrainConfig.from_dict({"model": {"type": "mlp", "dim": 2, "width": 3}})
 
 
 def test_fits_a_time_dependent_target():

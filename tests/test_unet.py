@@ -1,12 +1,13 @@
 """The paper's U-Net: parameter counts, shapes and errors, exact parity with diffusers'
 UNet2DModel in the DDPM layout, and agreement of the fast paths (channels_last, bf16)."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from ddpm.unet import PRESETS, UNet, UNetConfig, preset_config, timestep_embedding, timestep_frequencies
+from ddpm.unet import PRESETS, UNet, preset_config, timestep_embedding, timestep_frequencies
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -127,10 +128,12 @@ def test_config_validation(overrides, match):
 def test_presets_and_config_round_trip():
     with pytest.raises(ValueError, match="allowed: \\['celebahq256', 'cifar10', 'mnist', 'tiny'\\]"):
         UNet.from_preset("imagenet")
-    # JSON turns tuples into lists; the config takes them back.
-    d = PRESETS["cifar10"].to_dict()
-    d["ch_mult"] = list(d["ch_mult"])
-    assert UNetConfig.from_dict(d) == PRESETS["cifar10"]
+    # JSON turns tuples into lists; the run config (which rebuilds model configs) takes them back.
+    from ddpm.presets import TrainConfig
+
+    saved = json.loads(TrainConfig(model=PRESETS["cifar10"]).to_json())
+    assert saved["model"]["ch_mult"] == [1, 2, 2, 2]
+    assert TrainConfig.from_dict(saved).model == PRESETS["cifar10"]
     # A new image size keeps attention at the same level; a new in_channels carries out_channels.
     c = preset_config("cifar10", image_size=64, in_channels=1)
     assert c.attn_resolutions == (32,) and c.out_channels == 1

@@ -9,7 +9,7 @@ the U-Net's conditioning without the convolutions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +38,6 @@ class MLPConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MLPConfig.dropout must be in [0, 1), got {self.dropout}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MLPConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MLPConfig: unknown fields {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 class _Block(nn.Module):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import UserError
-from .schedules import SCHEDULES
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")  # mirrors ddpm.samplers.SAMPLERS without importing it
 PRESETS = ("mnist", "cifar10", "toy2d", "tiny")

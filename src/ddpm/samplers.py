@@ -94,7 +94,7 @@ def gaussian_noise(seeds: torch.Tensor, draw: int, shape: Sequence[int], dtype: 
     Element j of sample i is Box-Muller applied to the two 32-bit halves of
     mix64(mix64(s_i + (draw + 1) G) + (j + 1) G), G the golden-ratio constant of splitmix64.
     """
-    B, n = shape[0], math.prod(shape[1:])
+    n = math.prod(shape[1:])
     key = _mix64(seeds + _signed((draw + 1) * _GOLDEN % (1 << 64)))
     j = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device)
     h = _mix64(key[:, None] + j[None, :] * _GOLDEN)

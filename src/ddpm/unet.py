@@ -18,7 +18,7 @@ conv pads only right and bottom before a stride-2 "valid" 3x3 conv; the timestep
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,6 @@ class UNetConfig:
         """Feature-map size of each level, from the input down."""
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown fields {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 PRESETS: dict[str, UNetConfig] = {
