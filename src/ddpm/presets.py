@@ -392,15 +392,19 @@ def get_preset(name: str) -> TrainConfig:
         # attention only in the 7x7 middle), bf16 autocast (2x faster than float32 on a CPU with
         # bf16 support), batch 64, lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4,
         # min-SNR-5 weighting (beat plain L_simple at equal steps), EMA 0.999 with warm-up so
-        # early averages forget the random initialisation. Previews use ancestral sampling on a
-        # 100-step respaced grid: more recognisable digits than DDIM-50 on the same seeds.
+        # early averages forget the random initialisation. The seed's cosine noise schedule
+        # (Nichol & Dhariwal) rather than the paper's linear one: at 28x28 the linear schedule
+        # spends its last few hundred steps on pure noise; with everything else equal, a full
+        # no-argument run went from 72.5% to 77.7% of samples passing the classifier test.
+        # Previews use ancestral sampling on a 100-step respaced grid: more recognisable digits
+        # than DDIM-50 on the same seeds (200 steps or fixed_large variance were no better).
         # About 0.25 s per step on an idle 2-core CPU; max_minutes stops the run (with a
         # checkpoint and a final grid) on a slower or busy machine.
         model = UNetConfig(in_channels=1, out_channels=1, image_size=28, ch=32, ch_mult=(1, 2, 2),
                            num_res_blocks=1, attn_resolutions=(), dropout=0.0, norm_groups=8, mid_attn=True)
         return TrainConfig(
             model=model,
-            diffusion=DiffusionConfig(schedule="sqrt_linear", timesteps=1000, weighting="min_snr"),
+            diffusion=DiffusionConfig(schedule="cosine", timesteps=1000, weighting="min_snr"),
             optim=OptimConfig(lr=1e-3, warmup=100, decay="cosine", min_lr_ratio=0.1, grad_clip=1.0),
             train=LoopConfig(steps=3000, batch_size=64, ema_decay=0.999, ema_warmup=10, amp="bf16",
                              log_every=50, sample_every=1000, ckpt_every=500, keep_last=2, max_minutes=14.0),
