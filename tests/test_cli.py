@@ -150,3 +150,11 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "interrupted at step 2" in err and "--resume" in err and "Traceback" not in err
     assert (out / "ckpt-0000002" / "state.pt").is_file()
+
+
+def test_bare_ddpm_prints_help_instead_of_training(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "usage: ddpm" in out and "train" in out and "sample" in out
+    assert not (tmp_path / "runs").exists()

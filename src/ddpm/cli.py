@@ -226,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             from . import cli_eval
 
             return cli_eval.main(argv[1:])
-        args = build_parser().parse_args(argv or ["train"])
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if args.command is None:
-            args = build_parser().parse_args(["train"])
+            # A bare `ddpm` shows what there is rather than starting a 15-minute training run;
+            # `ddpm train` with no options is the quick start.
+            parser.print_help()
+            return 2
         return {"train": cmd_train, "sample": cmd_sample, "schedules": cmd_schedules}[args.command](args)
     except KeyboardInterrupt as exc:
         from .train import TrainingInterrupted
