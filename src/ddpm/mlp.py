@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import timestep_embedding, timestep_frequencies
+from .unet import batch_timesteps, timestep_embedding, timestep_frequencies
 
 
 @dataclass
@@ -81,12 +81,7 @@ class MLPDenoiser(nn.Module):
         dim = self.config.dim
         if x.dim() != 2 or x.shape[1] != dim:
             raise ValueError(f"MLPDenoiser expects x of shape (B, {dim}), got {tuple(x.shape)}")
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"MLPDenoiser expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+        t = batch_timesteps(t, x, "MLPDenoiser")
         freqs = self.time_freqs
         if freqs.dtype != torch.float32:  # the model was cast: recompute the frequencies exactly
             freqs = timestep_frequencies(self.config.time_embed_dim).to(x.device)

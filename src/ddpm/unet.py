@@ -121,6 +121,18 @@ def timestep_frequencies(dim: int) -> torch.Tensor:
     return torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
 
 
+def batch_timesteps(t, x: torch.Tensor, who: str) -> torch.Tensor:
+    """``t`` as a tensor of shape (B,) for the batch ``x``: a Python number or 0-d tensor is
+    broadcast; any other shape is refused naming the network ``who``."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{who} expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
+    return t
+
+
 def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, 2 * len(freqs)) as [sin(t f), cos(t f)], in float32."""
     args = t.to(torch.float32)[:, None] * freqs.to(torch.float32)[None, :]
@@ -313,13 +325,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet expects x of shape (B, {c.in_channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}"
             )
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"UNet expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
-        return t
+        return batch_timesteps(t, x, "UNet")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = self._check_inputs(x, t)
