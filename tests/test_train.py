@@ -15,10 +15,17 @@ from ddpm.checkpoint import list_checkpoints, load
 from ddpm.presets import get_preset
 from ddpm.train import IndexStream, TrainingInterrupted, _ema_decay_at, _lr_at, train
 
-# ``ddpm.train`` the attribute is the function (lazy export); the module is in sys.modules.
+# The module, whatever ``ddpm.train`` (the package attribute) is bound to at this point.
 train_module = importlib.import_module("ddpm.train")
 
 
+def test_ddpm_train_is_callable_after_the_submodule_is_imported(monkeypatch):
+    # Importing ddpm.train rebinds the package attribute to the module; calling it must still train.
+    import ddpm
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: ("trained", a, k))
+    assert train_module(1, out="x") == ("trained", (1,), {"out": "x"})
+    assert callable(ddpm.train)
 
 
 def tiny(**overrides):

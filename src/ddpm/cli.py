@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--amp", "train.amp", str, "mixed precision: auto (bf16 on CUDA), off, bf16"),
         ("--device", "train.device", str, "auto, cpu, cuda"),
         ("--image-size", "data.image_size", int, "resize images of the data source"),
-        ("--num-workers", "train.num_workers", int, "data loading workers"),
+        ("--num-workers", "train.num_workers", int, "threads fetching batches ahead (0 = in the training thread)"),
         ("--eval-every", "eval.every", int, "evaluate the EMA model every N steps (0 = off; see eval.* keys)"),
     ]
     for flag, key, typ, help_ in flags:

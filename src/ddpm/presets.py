@@ -119,7 +119,7 @@ class LoopConfig:
     amp: Literal["auto", "off", "bf16"] = "auto"  # auto = bf16 on CUDA, off on CPU
     channels_last: bool = False
     compile: bool = False
-    num_workers: int = 0
+    num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
     progress: bool = True
 
     def __post_init__(self):

@@ -24,8 +24,10 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
+import types
 from datetime import datetime
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from .checkpoint import (atomic_write_text, item_shape, latest_checkpoint, load_
                          read_weights, sample_kwargs, save_checkpoint)
 from .diffusion import training_loss
 from .errors import UserError
+from .loader import Prefetcher
 from .presets import TrainConfig, build_model, get_preset, resolve_config  # noqa: F401  (re-exported)
 
 __all__ = ["TrainConfig", "train", "resolve_config", "get_preset", "TrainingInterrupted"]
@@ -180,6 +183,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
     """
     c = config.train
     rank, world, device, started_dist = _init_distributed(config)
+    loader = None
     try:
         micro_global = c.batch_size // c.grad_accum
         if micro_global % world:
@@ -198,6 +202,9 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
         # 1. Data, schedule, model, EMA copy, optimizer.
         dataset = _open_data(config)
         stream = IndexStream(len(dataset), micro_global, c.seed)
+        # This rank's slice of micro-batch j, fetched ahead (threads, pinned async copies on CUDA).
+        loader = Prefetcher(lambda j: stream.batch(j)[rank * micro_local:(rank + 1) * micro_local],
+                            lambda idx: _get_batch(dataset, idx), device, workers=c.num_workers)
         schedule = config.diffusion.make_schedule().to(device)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
         model = build_model(config.model).to(device)
@@ -255,9 +262,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                 flip_all = torch.rand(c.batch_size, device=device, generator=noise_gen) < 0.5
                 for micro in range(c.grad_accum):
                     j = step * c.grad_accum + micro
-                    idx = stream.batch(j)[rank * micro_local:(rank + 1) * micro_local]
-                    x0 = _get_batch(dataset, idx)
-                    x0 = x0.to(device, non_blocking=True)
+                    x0 = loader.get(j)
                     lo = micro * micro_global + rank * micro_local
                     t, eps = t_all[lo:lo + micro_local], eps_all[lo:lo + micro_local]
                     if config.data.hflip and x0.ndim == 4:
@@ -327,6 +332,8 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
             raise TrainingInterrupted(run_dir, step)
         return run_dir
     finally:
+        if loader is not None:
+            loader.close()
         if started_dist and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -379,3 +386,15 @@ def _tensorboard(run_dir: Path):
     except Exception:  # tensorboard not installed
         return None
     return SummaryWriter(str(run_dir / "tb"))
+
+
+class _CallableModule(types.ModuleType):
+    """Python rebinds the package attribute ``ddpm.train`` to this module whenever the submodule is
+    imported (``from ddpm.train import ...``), shadowing the lazily exported ``ddpm.train(config)``
+    function. Calling the module calls that function, so ``ddpm.train(config)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
