@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import signal
@@ -149,3 +150,17 @@ def test_periodic_eval_runs_every_n_steps_when_asked_and_is_off_by_default(tmp_p
         assert r["toy"]["num_samples"] == 64 and math.isfinite(r["nll"]["bpd"])
     with pytest.raises(ValueError, match="periodic metric"):
         get_preset("toy2d").override(**{"eval.metrics": ["psnr"]})
+
+
+def test_tensorboard_scalars_match_the_jsonl_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(tiny(**{"train.steps": 6, "train.log_every": 2, "train.sample_every": 0}), out=tmp_path / "r")
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    for key in ("loss", "lr", "grad_norm"):
+        logged = events.Scalars(f"train/{key}")
+        assert [e.step for e in logged] == [r["step"] for r in records] == [2, 4, 6]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in records], rel=1e-6)
