@@ -8,7 +8,7 @@
 # diffusers travels as wheels in .whl/ (see /work/.library/device/README.md): diffusers and
 # importlib_metadata; its other needs are on the machine's image. Writes under $OUT:
 # bench_cuda.json (every row), benchmarks_cuda.md (the section for docs/benchmarks.md),
-# log.txt, gpu.txt (nvidia-smi) and pytest.txt (the CUDA tests of test_fastpaths.py and test_samplers.py).
+# log.txt, gpu.txt (nvidia-smi) and pytest.txt (the CUDA tests of test_fastpaths.py, test_samplers.py and test_loader.py).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 CODE=${CODE:-.}
@@ -24,6 +24,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,
 cat "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, ddpm; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name(), ddpm.__file__)" || exit 1
 # Numerical agreement of the CUDA-graph wrapper (seconds).
-(cd "$CODE" && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fastpaths.py tests/test_samplers.py -k cuda 2>&1 | tail -3) | tee "$OUT/pytest.txt"
+(cd "$CODE" && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fastpaths.py tests/test_samplers.py tests/test_loader.py -k cuda 2>&1 | tail -3) | tee "$OUT/pytest.txt"
 timeout $((BUDGET + 90)) python3 "$CODE/bench/run.py" --device cuda --budget-s "$BUDGET" \
     --json "$OUT/bench_cuda.json" --doc "$OUT/benchmarks_cuda.md" 2>&1 | tee "$OUT/log.txt"
