@@ -147,3 +147,41 @@ def test_same_seed_gives_the_same_samples_in_the_fast_mode():
             fast = sample(accel.GraphedModel(fast_model), schedule, shape, sampler="ddim", steps=10, generator=0)
     assert ref.std() > 0.1
     assert 0 < _rel(fast, ref) < 5e-2  # measured about 2e-2: ten steps of a random network compound bf16 rounding
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from ddpm import accel
+from ddpm.unet import UNet, UNetConfig
+torch.set_num_threads(1)
+if sys.argv[1] == "keep" and not accel.keep_freed_memory():
+    print("unsupported"); sys.exit()
+model = UNet(UNetConfig(in_channels=1, out_channels=1, image_size=28, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                        attn_resolutions=(), norm_groups=8, mid_attn=True))
+x, t = torch.randn(32, 1, 28, 28), torch.randint(0, 1000, (32,))
+for i in range(8):
+    if i == 3:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x, t).square().mean().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5)
+"""
+
+
+def test_keep_freed_memory_stops_per_step_page_faults():
+    # A training step frees and re-allocates its activations; by default glibc unmaps them and
+    # every step faults them in again (thousands of page faults per step). Fresh processes, since
+    # the setting is process-wide.
+    import subprocess
+    import sys
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        return None if out == "unsupported" else float(out)
+
+    kept = faults("keep")
+    if kept is None:
+        pytest.skip("not glibc: mallopt unavailable")
+    default = faults("default")
+    assert default > 1000, f"expected the default allocator to fault per step, got {default}"
+    assert kept < default / 10, (kept, default)

@@ -199,6 +199,8 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
         if latest is not None and not resume:
             raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
 
+        if device.type == "cpu":
+            accel.keep_freed_memory()  # ~11% faster CPU steps (fewer page faults); see its docstring
         # 1. Data, schedule, model, EMA copy, optimizer.
         dataset = _open_data(config)
         stream = IndexStream(len(dataset), micro_global, c.seed)
