@@ -35,6 +35,28 @@ Cosine with 3400 steps instead of 3000 (13 min 50 s of training, too close to th
 cap): 0.775, no better, so the preset keeps 3000.
 Step cost on this 2-core CPU (idle): about 0.25 s at batch 64 in bf16 (0.38 s of one core's
 thread time; float32 is 2x slower), so 15 minutes hold about 3000 steps: the preset's budget.
+
+Round 3 (2026-11-27, this CPU; two training runs at a time on one thread each, which changes only
+their speed; 1000 samples, ancestral-100, seeds 1..1000, EMA weights unless noted):
+  ch 32 mult 1-2-2 (the preset above), its EMA vs its raw weights: 0.777 vs 0.761
+  v-prediction instead of eps (ch 32, cosine, min-SNR 5, 3000 steps): 0.742
+  architectures at equal wall time (training steps per second measured first, steps fitted to it):
+    ch 24 mult 1-2-4 (1.43M, 3500 steps) 0.780 | ch 16 mult 1-3-6 (1.36M, 4000 steps) 0.791
+    ch 16 mult 1-2-4 (0.64M, 5700 steps) 0.792 -- a thin full-resolution level buys steps cheaply
+  EMA warm-up w in (1 + t) / (w + t) on the 5700-step ch 16 run (the 0.999 cap is never reached
+    in runs this short, so w sets the averaging length): w = 5, 10, 20, 40: 0.799, 0.792, 0.799,
+    0.806 (within noise: the preset keeps 10)
+  on ch 16 mult 1-2-4, 5700 steps: min-SNR gamma 1 instead of 5 0.814 | peak lr 2e-3 instead of
+    1e-3 0.818 | both (`ddpm train` alone, stopped by max_minutes at 5369 of 5700 steps) 0.826
+  speed: glibc handed every step's freed activations back to the OS and faulted them in again
+    (14,000 page faults per step, 6.3 steps/s); ddpm.accel.keep_freed_memory: 7.1-7.8 steps/s.
+    The machine's own speed still drifts (6.3-7.7 steps/s within one run), so the preset takes
+    5000 steps, which end before the 14-minute cap.
+The real thing with that preset (ch 16 mult 1-2-4, 5000 steps, lr 2e-3, min-SNR gamma 1):
+`ddpm train` with no arguments alone on this 2-core CPU, 12 min 02 s wall (7.0 steps/s on
+average), then `python bench/mnist_quality.py RUN --num 1000 --amp bf16` (ancestral-100): pass
+rate 0.811, passing digits 0-9: 68 102 77 86 73 73 73 89 65 105 (8.0% to 12.9% each);
+docs/mnist_samples.png shows the first 100.
 """
 
 from __future__ import annotations
