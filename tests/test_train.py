@@ -123,7 +123,8 @@ def test_index_stream_is_a_sequence_of_epoch_permutations():
 
 
 def test_lr_warmup_cosine_and_ema_warmup():
-    c = get_preset("mnist").override(**{"train.steps": 1100, "optim.warmup": 100})
+    c = get_preset("mnist").override(**{"train.steps": 1100, "optim.warmup": 100, "optim.lr": 1e-3,
+                                      "optim.decay": "cosine", "optim.min_lr_ratio": 0.1})
     assert _lr_at(c, 0) == pytest.approx(1e-5) and _lr_at(c, 99) == pytest.approx(1e-3)
     assert _lr_at(c, 100) == pytest.approx(1e-3)
     assert _lr_at(c, 600) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
