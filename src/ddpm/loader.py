@@ -47,7 +47,6 @@ class Prefetcher:
         self.depth = depth
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ddpm-data") if workers else None
         self._pending: dict[int, Future] = {}
-        self._pin = self.device.type == "cuda"
         self._buffers: list[torch.Tensor | None] = [None] * depth
         self._events: list = [None] * depth
 
@@ -63,7 +62,7 @@ class Prefetcher:
             self._pending.pop(stale).cancel()
         future = self._pending.pop(j, None)
         host = future.result() if future is not None else self.fetch(self.indices_of(j))
-        if not self._pin:
+        if self.device.type != "cuda":  # pinned buffers only pay off for host-to-GPU copies
             return host.to(self.device)
         return self._to_device_async(j % self.depth, host)
 

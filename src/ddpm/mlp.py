@@ -39,7 +39,6 @@ class MLPConfig:
             raise ValueError(f"MLPConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
-
 class _Block(nn.Module):
     """Pre-norm residual block: x + W2 SiLU(W1 LN(x) + temb)."""
 

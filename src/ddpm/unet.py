@@ -95,7 +95,6 @@ class UNetConfig:
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
 
 
-
 PRESETS: dict[str, UNetConfig] = {
     # The paper's CIFAR-10 model: 35.7M parameters.
     "cifar10": UNetConfig(3, 3, 32, 128, (1, 2, 2, 2), 2, (16,), 0.1),
