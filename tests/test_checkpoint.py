@@ -11,8 +11,9 @@ import torch
 from ddpm import checkpoint
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load
 from ddpm.errors import UserError
-from ddpm.presets import TrainConfig, get_preset, read_config_file, resolve_config
-from ddpm.train import train
+from ddpm.config import TrainConfig, read_config_file
+from ddpm.presets import get_preset, resolve_config
+from ddpm.training import train
 
 
 

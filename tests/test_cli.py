@@ -136,7 +136,7 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch):
     import importlib
     import signal
 
-    train_module = importlib.import_module("ddpm.train")
+    train_module = importlib.import_module("ddpm.training")
     real_lr_at = train_module._lr_at
 
     def press_ctrl_c(config, step):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm.presets import get_preset
-from ddpm.train import train
+from ddpm.training import train
 
 
 def free_port() -> int:

@@ -194,7 +194,8 @@ def make_run(run_dir, preset, step=2):
     """A run directory as the trainer writes it (config.json + ckpt-NNNNNNN/), with untrained
     weights: the CLI plumbing is under test here, not the training loop."""
     from ddpm.checkpoint import save_checkpoint
-    from ddpm.presets import build_model, resolve_config
+    from ddpm.config import build_model
+    from ddpm.presets import resolve_config
 
     config = resolve_config(preset)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.loader import Prefetcher
-from ddpm.train import IndexStream
+from ddpm.training import IndexStream
 
 DATA = torch.arange(50 * 3, dtype=torch.float32).view(50, 3)
 

@@ -29,7 +29,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="time_embed_dim"):
         MLPConfig(time_embed_dim=7)
     from ddpm.errors import UserError
-    from ddpm.presets import TrainConfig
+    from ddpm.config import TrainConfig
 
     with pytest.raises(UserError, match="unknown config key 'model.width'"):
         TrainConfig.from_dict({"model": {"type": "mlp", "dim": 2, "width": 3}})

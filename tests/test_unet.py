@@ -129,7 +129,7 @@ def test_presets_and_config_round_trip():
     with pytest.raises(ValueError, match="allowed: \\['celebahq256', 'cifar10', 'mnist', 'tiny'\\]"):
         UNet.from_preset("imagenet")
     # JSON turns tuples into lists; the run config (which rebuilds model configs) takes them back.
-    from ddpm.presets import TrainConfig
+    from ddpm.config import TrainConfig
 
     saved = json.loads(TrainConfig(model=PRESETS["cifar10"]).to_json())
     assert saved["model"]["ch_mult"] == [1, 2, 2, 2]

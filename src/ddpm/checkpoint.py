@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .presets import TrainConfig, build_model
+from .config import TrainConfig, build_model
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")

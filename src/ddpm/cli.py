@@ -59,7 +59,8 @@ def _json_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import PRESETS, SAMPLER_NAMES
+    from .config import SAMPLER_NAMES
+    from .presets import PRESETS
     from .schedules import SCHEDULES
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -137,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .presets import TrainConfig, read_config_file, resolve_config
-    from .train import train
+    from .config import TrainConfig, read_config_file
+    from .presets import resolve_config
+    from .training import train
 
     overrides = {k[3:]: v for k, v in vars(args).items() if k.startswith("ov:") and v is not None}
     if args.data is not None:
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return {"train": cmd_train, "sample": cmd_sample, "schedules": cmd_schedules}[args.command](args)
     except KeyboardInterrupt as exc:
-        from .train import TrainingInterrupted
+        from .training import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):
             print(f"ddpm: {exc} (continue with: ddpm train --resume --out {exc.run_dir})", file=sys.stderr)

@@ -30,7 +30,7 @@ import torch
 
 from . import fid as _fid
 from .errors import UserError
-from .presets import EvalConfig
+from .config import EvalConfig
 
 PeriodicEvalConfig = EvalConfig  # the name this module first used
 

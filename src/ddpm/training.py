@@ -24,10 +24,8 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
-import types
 from datetime import datetime
 from pathlib import Path
 
@@ -40,9 +38,9 @@ from .checkpoint import (atomic_write_text, item_shape, latest_checkpoint, load_
 from .diffusion import training_loss
 from .errors import UserError
 from .loader import Prefetcher
-from .presets import TrainConfig, build_model, get_preset, resolve_config  # noqa: F401  (re-exported)
+from .config import TrainConfig, build_model
 
-__all__ = ["TrainConfig", "train", "resolve_config", "get_preset", "TrainingInterrupted"]
+__all__ = ["train", "TrainingInterrupted", "IndexStream"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -388,15 +386,3 @@ def _tensorboard(run_dir: Path):
     except Exception:  # tensorboard not installed
         return None
     return SummaryWriter(str(run_dir / "tb"))
-
-
-class _CallableModule(types.ModuleType):
-    """Python rebinds the package attribute ``ddpm.train`` to this module whenever the submodule is
-    imported (``from ddpm.train import ...``), shadowing the lazily exported ``ddpm.train(config)``
-    function. Calling the module calls that function, so ``ddpm.train(config)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

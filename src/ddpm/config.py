@@ -1,0 +1,345 @@
+"""The typed run configuration (one dataclass per concern), its validation and its loading.
+
+A ``TrainConfig`` is plain data: it round-trips through JSON (``to_dict``/``from_dict``), is saved
+as ``config.json`` in every run directory and inside every checkpoint, and is validated when it is
+built, so a bad value fails before any work starts with a one-line message listing what is allowed.
+The named recipes built from it are in ``ddpm.presets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from .errors import UserError
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")  # mirrors ddpm.samplers.SAMPLERS without importing it
+
+
+def _check_literals(obj: Any) -> None:
+    """Refuse a value outside its ``Literal[...]`` annotation, listing the allowed values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            value = getattr(obj, f.name)
+            if value not in allowed:
+                raise ValueError(f"{f.name} {value!r} not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process (seed schedules) and what the network predicts."""
+
+    schedule: Literal["linear", "cosine", "sqrt_linear", "sqrt"] = "sqrt_linear"  # paper's linear = seed's sqrt_linear
+    timesteps: int = 1000
+    linear_start: float = 1e-4
+    linear_end: float = 2e-2
+    cosine_s: float = 8e-3
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    weighting: Literal["simple", "min_snr"] = "simple"
+    min_snr_gamma: float = 5.0
+    rescale_zero_terminal_snr: bool = False
+    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"  # sigma_t^2 used by ancestral sampling
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(self.timesteps >= 2, f"timesteps must be >= 2, got {self.timesteps}")
+        _require(0 < self.linear_start <= self.linear_end < 1, "need 0 < linear_start <= linear_end < 1")
+        _require(self.cosine_s >= 0 and self.min_snr_gamma > 0, "cosine_s must be >= 0 and min_snr_gamma > 0")
+        _require(
+            not (self.rescale_zero_terminal_snr and self.prediction == "eps"),
+            "rescale_zero_terminal_snr needs prediction 'v' or 'x0' (eps cannot recover x0 at zero SNR)",
+        )
+
+    def make_schedule(self):
+        from .schedules import NoiseSchedule
+
+        return NoiseSchedule.from_name(
+            self.schedule, self.timesteps, linear_start=self.linear_start, linear_end=self.linear_end,
+            cosine_s=self.cosine_s, rescale_to_zero_terminal_snr=self.rescale_zero_terminal_snr,
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Adam (AdamW when weight_decay > 0) with linear warm-up, then constant or cosine-decayed lr."""
+
+    lr: float = 2e-4
+    warmup: int = 5000
+    decay: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 switches clipping off
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _check_literals(self)
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0 and self.eps > 0, "weight_decay must be >= 0 and eps > 0")
+
+
+@dataclass
+class LoopConfig:
+    """Length, batch, EMA, logging/checkpoint cadence and fast paths of the training loop."""
+
+    steps: int = 800_000
+    batch_size: int = 128  # global batch (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: int = 0  # decay_t = min(ema_decay, (1 + t) / (ema_warmup + t)); 0 = no warm-up
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10_000  # 0 = previews only at the end
+    ckpt_every: int = 10_000  # 0 = checkpoint only at the end
+    keep_last: int = 3
+    max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once it is spent
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16"] = "auto"  # auto = bf16 on CUDA, off on CPU
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
+    progress: bool = True
+
+    def __post_init__(self):
+        _check_literals(self)
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ema_warmup", "seed", "sample_every", "ckpt_every", "num_workers"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        _require(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}")
+        _require(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from (a ``ddpm.data.open_source`` spec) and its augmentation."""
+
+    source: str = "mnist"
+    hflip: bool = False  # random horizontal flip (the paper's CIFAR-10 augmentation)
+    image_size: Optional[int] = None  # resize folder/npz images; None keeps the source size
+    channels: Optional[int] = None
+
+    def __post_init__(self):
+        _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
+        _require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        _require(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+
+
+@dataclass
+class SampleConfig:
+    """How previews (and, by default, ``ddpm sample``) draw from the EMA model."""
+
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddpm"
+    steps: Optional[int] = None  # None = all T steps
+    eta: float = 0.0
+    num: int = 64
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
+        _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training every ``every`` steps (0 = off, the default), on rank 0 with the
+    EMA model and a small sample count (``ddpm.evaluate.periodic_eval``; one JSON line per
+    evaluation in RUN_DIR/eval/periodic.jsonl).
+
+    ``metrics``: any of "toy" (toy runs), "nll" (stratified bound on ``num`` data items), "fid"
+    (needs Inception weights and a reference, ``fid_ref``). Samples use ``sampler``/``steps``.
+    """
+
+    every: int = 0
+    metrics: tuple = ("toy", "nll")
+    num: int = 256
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddim"
+    steps: int = 50
+    nll_timesteps: int = 32
+    fid_ref: Optional[str] = None
+    ref_data: Optional[str] = None
+    inception_weights: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_literals(self)
+        self.metrics = tuple(self.metrics)
+        allowed = ("toy", "nll", "fid")
+        bad = [m for m in self.metrics if m not in allowed]
+        _require(not bad, f"unknown periodic metric {bad[0]!r}; choose from {', '.join(allowed)}" if bad else "")
+        _require(self.every >= 0 and self.num >= 2, "periodic eval needs every >= 0 and num >= 2")
+        _require(self.steps >= 1 and self.nll_timesteps >= 1, "eval steps and nll_timesteps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``model`` is a ``UNetConfig`` or an ``MLPConfig``."""
+
+    model: Any
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "run"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["model"] = {"type": model_type(self.model), **dataclasses.asdict(self.model)}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _build(cls, d, "")
+
+    def override(self, **dotted: Any) -> "TrainConfig":
+        """A copy with ``{"optim.lr": 1e-3, "train.steps": 10}``-style keys replaced (re-validated)."""
+        d = self.to_dict()
+        for key, value in dotted.items():
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise UserError(f"unknown config key {key!r}")
+                node = node[p]
+            if leaf not in node:
+                raise UserError(f"unknown config key {key!r}")
+            node[leaf] = value
+        return TrainConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configs live with their networks (unet.py, mlp.py); they are looked up by a "type" tag.
+# ---------------------------------------------------------------------------------------------
+
+def model_type(model_config: Any) -> str:
+    name = type(model_config).__name__
+    if name == "UNetConfig":
+        return "unet"
+    if name == "MLPConfig":
+        return "mlp"
+    raise ValueError(f"model config must be a UNetConfig or MLPConfig, got {name}")
+
+
+def _model_config_class(kind: str):
+    if kind == "unet":
+        from .unet import UNetConfig
+
+        return UNetConfig
+    if kind == "mlp":
+        from .mlp import MLPConfig
+
+        return MLPConfig
+    raise ValueError(f"model type {kind!r} not allowed; choose one of unet, mlp")
+
+
+def build_model(model_config: Any):
+    """The network a model config describes (``UNet`` or ``MLPDenoiser``)."""
+    if model_type(model_config) == "unet":
+        from .unet import UNet
+
+        return UNet(model_config)
+    from .mlp import MLPDenoiser
+
+    return MLPDenoiser(model_config)
+
+
+def _build(cls, d: Any, path: str):
+    """Build dataclass ``cls`` from a dict, refusing unknown keys by their dotted name."""
+    if not isinstance(d, dict):
+        raise UserError(f"config section {path.rstrip('.') or '<root>'} must be a table/object, got {type(d).__name__}")
+    d = dict(d)
+    if cls is TrainConfig:
+        model = d.get("model")
+        if not isinstance(model, dict):
+            raise UserError("config needs a 'model' table with a 'type' of unet or mlp")
+        model = dict(model)
+        model_cls = _model_config_class(model.pop("type", "unet"))
+        d["model"] = _build(model_cls, model, "model.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in fields:
+            raise UserError(f"unknown config key {path + key!r}; allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value, f"{path}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)  # JSON/TOML have no tuples
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"config section {path.rstrip('.') or '<root>'}: {exc}") from None
+
+
+def merge_dicts(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if key == "model" and isinstance(value, dict) and value.get("type", out["model"].get("type")) != out["model"].get("type"):
+            out[key] = value  # a different network: its fields replace the preset's entirely
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Parse a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise UserError(f"{path}: reading YAML needs pyyaml (pip install pyyaml)") from None
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml, .yml or .json")
+    except UserError:
+        raise
+    except Exception as exc:  # parse errors of any of the three formats
+        raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: config must be a table/object at the top level")
+    return data
