@@ -6,8 +6,6 @@ import torch
 from ddpm.mlp import MLPConfig, MLPDenoiser
 
 
-
-
 def test_shapes_and_t_forms():
     model = MLPDenoiser(MLPConfig(dim=3, hidden=32, depth=2, time_embed_dim=16)).eval()
     x = torch.randn(5, 3)

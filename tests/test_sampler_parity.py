@@ -37,7 +37,7 @@ pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
-from ddpm.samplers import gaussian_noise, per_sample_seeds, sample  # noqa: E402
+from ddpm.samplers import gaussian_noise, per_sample_seeds, sample, timestep_grid  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
 
 SHAPE = (3, 2, 4, 4)
@@ -138,8 +138,6 @@ def test_ddim_matches_diffusers(eta, clip, precision):
 @pytest.mark.parametrize("spacing,theirs", [("uniform", "linspace"), ("leading", "leading"), ("trailing", "trailing")])
 @pytest.mark.parametrize("steps", [1, 7, 10, 16, 50, 333, 1000])
 def test_timestep_spacings_match_diffusers(spacing, theirs, steps):
-    from ddpm.samplers import timestep_grid
-
     scheduler = DDPMScheduler(num_train_timesteps=T, timestep_spacing=theirs)
     scheduler.set_timesteps(steps)
     if spacing == "uniform" and steps == 1:

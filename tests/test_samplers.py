@@ -5,6 +5,9 @@ time is off by a few steps must be told apart from it. Two energy distances are 
 of the 2-D points, and of their residuals to the nearest component mean in units of its std (the
 components' spread, which a wrong time changes first). Thresholds are twice the largest value seen
 between independent draws of the true mixture.
+
+What every sampler must do whatever its algorithm (shapes, dtypes, seeds, x_T, trajectories, x0/v
+predictions, options) is tested over all of them in test_sampler_contract.py.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from ddpm.schedules import NoiseSchedule
 from gmm import GaussianMixture
 
 N = 4000  # points per oracle run
-
-
 
 
 @pytest.fixture(scope="module")
@@ -134,70 +135,6 @@ def test_ddim_eta1_full_grid_equals_ddpm(setup):
                                eta=1.0, spacing="uniform", **kw)
         torch.testing.assert_close(tr_ddim["x_t"], tr_ddpm["x_t"], rtol=0, atol=1e-9)
         torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-9)
-
-
-def test_ddim_eta0_is_deterministic(setup):
-    schedule, gmm, _, _ = setup
-    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
-    a = sample(gmm.eps_oracle(schedule), schedule, (64, 2), sampler="ddim", steps=20, x_T=x_T, generator=1)
-    b = sample(gmm.eps_oracle(schedule), schedule, (64, 2), sampler="ddim", steps=20, x_T=x_T, generator=2)
-    assert torch.equal(a, b)
-    c = sample(gmm.eps_oracle(schedule), schedule, (64, 2), sampler="ddim", steps=20, x_T=x_T, eta=0.5, generator=2)
-    assert not torch.allclose(a, c)
-
-
-@pytest.mark.parametrize("sampler,kw", [("ddpm", dict(steps=30)), ("ddim", dict(steps=15, eta=0.7)),
-                                        ("dpm++2m", dict(steps=10))])
-def test_sample_depends_on_seed_not_batch_size(setup, sampler, kw):
-    schedule, gmm, _, _ = setup
-    oracle = gmm.eps_oracle(schedule)
-
-    def run(B, generator):
-        return sample(oracle, schedule, (B, 2), sampler=sampler, generator=generator, **kw)
-
-    big = run(12, torch.Generator().manual_seed(7))
-    torch.testing.assert_close(run(5, torch.Generator().manual_seed(7)), big[:5], rtol=0, atol=1e-6)
-    whole = run(12, 123)
-    parts = torch.cat([run(5, per_sample_seeds(123, 5)), run(7, per_sample_seeds(123, 7, offset=5))])
-    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-6)
-    assert not torch.allclose(run(5, torch.Generator().manual_seed(8)), big[:5])
-
-
-def test_other_parametrisations_give_the_same_samples(setup):
-    schedule, gmm, _, _ = setup
-    oracle = gmm.eps_oracle(schedule)
-    ab = schedule.alphas_cumprod.float()
-
-    def as_prediction(kind):
-        def model(x, t):
-            eps = oracle(x, t)
-            a, s = ab[t].sqrt()[:, None], (1 - ab[t]).sqrt()[:, None]
-            x0 = (x - s * eps) / a
-            return x0 if kind == "x0" else a * eps - s * x0
-
-        return model
-
-    base = _draw(setup, sampler="ddim", steps=20)[:200]
-    for kind in ("x0", "v"):
-        other = sample(as_prediction(kind), schedule, (N, 2), sampler="ddim", steps=20, prediction=kind,
-                       clip_denoised=False, generator=3)[:200]
-        torch.testing.assert_close(other, base, rtol=0, atol=1e-4)
-
-
-def test_trajectory_and_progress(setup, capsys):
-    schedule, gmm, _, _ = setup
-    for sampler in SAMPLERS:
-        x, tr = sample(gmm.eps_oracle(schedule), schedule, (8, 2), sampler=sampler, steps=7, generator=0,
-                       return_trajectory=True, progress=True)
-        assert tr["timesteps"].shape == (7,) and tr["x_t"].shape == (8, 8, 2) and tr["x0"].shape == (7, 8, 2)
-        assert torch.equal(tr["x_t"][-1], x)
-    assert "7/7" in capsys.readouterr().err
-
-
-def test_image_shaped_batch_runs():
-    schedule = NoiseSchedule.from_name("linear", 50)
-    x = sample(lambda x, t: 0.1 * x, schedule, (2, 3, 4, 4), sampler="dpm++2m", steps=5, generator=0)
-    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
 def test_gaussian_noise_is_standard_normal_and_exact():

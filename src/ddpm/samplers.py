@@ -190,6 +190,15 @@ def _respaced_schedule(schedule: NoiseSchedule, ascending: torch.Tensor) -> Nois
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
+def default_steps(sampler: str, T: int) -> int:
+    """The number of steps ``sample`` takes when ``steps=None``: T for ddpm (Algorithm 2 visits
+    every timestep), 50 for ddim and 20 for dpm++2m, never more than T."""
+    check_choice("sampler", sampler, SAMPLERS)
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    return min(_DEFAULT_STEPS.get(sampler, int(T)), int(T))
+
+
 @torch.no_grad()
 def sample(
     model: Model,
@@ -211,13 +220,20 @@ def sample(
 ):
     """Draw samples of ``shape`` (B, ...) from ``model(x_t, t)``, e.g. (B, C, H, W) or (B, 2).
 
-    ``steps`` defaults to T for ddpm, 50 for ddim and 20 for dpm++2m (at most T); ``spacing`` to
-    ``uniform`` (ddpm, ddim) or ``logsnr`` (dpm++2m), see ``timestep_grid``. ``eta`` (0..1) is
-    DDIM's; ``variance`` is the ddpm sampler's (fixed_small = beta~_t, fixed_large = beta_t) and is
-    ignored by the others. ``clip_denoised`` clamps x0_pred to [-1, 1] at every step. Randomness:
-    see the module docstring; ``x_T`` replaces draw 0. Returns x0 (B, ...) in the working dtype, or
-    ``(x0, trajectory)`` with trajectory = {"timesteps": (S,), "x_t": (S+1, B, ...) from x_T to the
-    result, "x0": (S, B, ...) the prediction at each step}.
+    ``steps`` defaults to ``default_steps(sampler, T)`` (T for ddpm, 50 for ddim, 20 for dpm++2m,
+    at most T); ``spacing`` to ``uniform`` (ddpm, ddim) or ``logsnr`` (dpm++2m), see
+    ``timestep_grid``. ``clip_denoised`` clamps x0_pred to [-1, 1] at every step. Randomness: see
+    the module docstring; ``x_T`` replaces draw 0. Returns x0 (B, ...) in the working dtype, or
+    ``(x0, trajectory)`` with trajectory = {"timesteps": (S,) the model timesteps visited, in order,
+    "x_t": (S+1, B, ...) from x_T to the result, "x0": (S, B, ...) the prediction at each step}.
+
+    Options. ``prediction``, ``variance`` and ``clip_denoised`` describe the model and its run (a
+    run's ``sample_kwargs``), so every sampler accepts them. ``variance`` is the ancestral
+    sampler's sigma_t^2 (fixed_small = beta~_t, fixed_large = beta_t); ddim and dpm++2m, which set
+    their own noise, do not use it. ``eta`` (0..1) is DDIM's alone: the other samplers refuse a
+    non-zero ``eta`` with a ValueError naming it and the sampler instead of ignoring it, while
+    ``eta=0`` (no added noise, the default) is accepted by all so that a command line can pass its
+    default whatever the sampler. A misspelled or unknown keyword raises TypeError.
     """
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("prediction", prediction, PREDICTIONS)
@@ -226,11 +242,16 @@ def sample(
     check_choice("spacing", spacing, SPACINGS)
     T = schedule.num_timesteps
     if steps is None:
-        steps = min(_DEFAULT_STEPS.get(sampler, T), T)
-    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        steps = default_steps(sampler, T)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies to sampler 'ddim' only, not {sampler!r}")
+    run, own = _SAMPLER_FUNCTIONS[sampler]
+    options = {"eta": float(eta), "variance": variance}
+    for name, off in _OFF.items():
+        if name not in own and options[name] != off:
+            takers = ", ".join(repr(s) for s, (_, o) in _SAMPLER_FUNCTIONS.items() if name in o)
+            raise ValueError(f"{name}={options[name]} is not an option of sampler {sampler!r} (only of {takers}); "
+                             f"leave it at {off}")
     shape = tuple(shape)
     if len(shape) < 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ValueError(f"shape must be (B, ...) with positive integers and at least 2 dims, got {shape!r}")
@@ -250,10 +271,9 @@ def sample(
     seeds = _resolve_seeds(generator, shape[0], device)
     # Algorithm 2, line 1: x_T ~ N(0, I) (draw 0 of each sample's seed).
     x = gaussian_noise(seeds, 0, shape, dtype) if x_T is None else x_T.to(device, dtype)
-    run = {"ddpm": _ddpm, "ddim": _ddim, "dpm++2m": _dpmpp_2m}[sampler]
     traj = {"timesteps": grid, "x_t": [x], "x0": []} if return_trajectory else None
-    x = run(model, schedule, grid, x, seeds, progress=progress, traj=traj, eta=float(eta), variance=variance,
-            clip_denoised=bool(clip_denoised), prediction=prediction)
+    x = run(model, schedule, grid, x, seeds, progress=progress, traj=traj, clip_denoised=bool(clip_denoised),
+            prediction=prediction, **{name: options[name] for name in own})
     if traj is None:
         return x
     return x, {"timesteps": grid, "x_t": torch.stack(traj["x_t"]), "x0": torch.stack(traj["x0"])}
@@ -281,10 +301,12 @@ def _record(traj: dict | None, x: torch.Tensor, x0: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The samplers: same keyword arguments, each ignores what it does not use
+# The samplers: f(model, schedule, grid, x_T, seeds, *, progress, traj, clip_denoised, prediction,
+# <its own options>) -> x0. Each takes exactly the options it uses (registered in
+# _SAMPLER_FUNCTIONS at the end), so that sample() can refuse a value that would be ignored.
 # ---------------------------------------------------------------------------------------------
 
-def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, variance, clip_denoised, prediction, **_):
+def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction, variance):
     """Algorithm 2 (Ho et al. 2020) on the grid; a grid shorter than T is respaced (improved-diffusion).
 
     The posterior of the (respaced) chain is indexed by the step index i while the model is called
@@ -323,7 +345,7 @@ def _clean_prediction(schedule, x, t, output, prediction, clip_denoised):
     return x0, eps
 
 
-def _ddim(model, schedule, grid, x, seeds, *, progress, traj, eta, clip_denoised, prediction, **_):
+def _ddim(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction, eta):
     """DDIM (Song et al. 2021, eq. 12), generalised by eta; the last step lands on x0 (abar_prev = 1)."""
     device, B, dt = x.device, x.shape[0], x.dtype
     schedule = schedule.to(device)
@@ -345,7 +367,7 @@ def _ddim(model, schedule, grid, x, seeds, *, progress, traj, eta, clip_denoised
     return x
 
 
-def _dpmpp_2m(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction, **_):
+def _dpmpp_2m(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, data prediction.
 
     The first step is first order (no history yet) and so is the last, which goes from t_{S-1} to
@@ -376,3 +398,10 @@ def _dpmpp_2m(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised,
         x0_prev = x0
         _record(traj, x, x0)
     return x
+
+
+# name -> (function, the options of sample() it takes besides the shared ones).
+_SAMPLER_FUNCTIONS = {"ddpm": (_ddpm, ("variance",)), "ddim": (_ddim, ("eta",)), "dpm++2m": (_dpmpp_2m, ())}
+# Options that only some samplers take, with the value that means "off": a sampler that does not
+# take one refuses any other value. (variance is not here: it describes the run, see sample().)
+_OFF = {"eta": 0.0}
