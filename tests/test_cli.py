@@ -1,20 +1,23 @@
-"""The ``ddpm`` command line: smoke run of train -> sample -> schedules, help texts, bad input."""
+"""The ``ddpm`` command line: smoke run of train -> sample -> schedules, the one parser (eval's
+subcommands share sample's options), help texts, bad input, Ctrl-C."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
-from ddpm.cli import main
+from ddpm.cli import build_parser, main
 
 TINY = ["--preset", "tiny", "--no-progress"]
-
-
 
 
 def run_cli(*argv: str, cwd=None) -> subprocess.CompletedProcess:
@@ -35,6 +38,9 @@ def run_dir(tmp_path_factory):
 
 def test_train_sample_png_npz_and_schedules(run_dir, tmp_path, capsys):
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
+    # no --sampler/--steps: the run's preview settings (the tiny preset previews with ddim, 5 steps)
+    assert main(["sample", str(run_dir), "--num", "2", "--out", str(tmp_path / "p.png")]) == 0
+    assert "(ddim, 5 steps," in capsys.readouterr().out
     assert main(["sample", str(run_dir), "--num", "5", "--batch-size", "2", "--steps", "3", "--out", str(tmp_path / "g.png"),
                  "--trajectory", str(tmp_path / "traj.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "traj.png").stat().st_size > 0
@@ -52,11 +58,58 @@ def test_train_sample_png_npz_and_schedules(run_dir, tmp_path, capsys):
 
 
 def test_every_command_has_help_with_examples(capsys):
-    for argv in (["--help"], ["train", "--help"], ["sample", "--help"], ["schedules", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["sample", "--help"], ["schedules", "--help"], ["eval", "--help"],
+                 ["eval", "fid", "--help"], ["eval", "nll", "--help"], ["eval", "toy", "--help"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0
-        assert "examples" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "examples" in out and out.startswith(f"usage: ddpm {' '.join(argv[:-1])}".rstrip()), argv
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"ddpm eval {name} " in out for name in ("fid", "nll", "toy"))  # every command's examples
+    # `ddpm eval` alone lists its commands, like a bare `ddpm`
+    assert main(["eval"]) == 2
+    assert "{fid,nll,toy}" in capsys.readouterr().out
+
+
+SHARED = {"sampler": ("--sampler", "dpm++2m"), "steps": ("--steps", "7"), "eta": ("--eta", "0.5"),
+          "seed": ("--seed", "3"), "batch_size": ("--batch-size", "9"), "device": ("--device", "cpu"),
+          "amp": ("--amp", "bf16"), "no_ema": ("--no-ema",), "progress": ("--progress",)}
+SAMPLING_COMMANDS = {"sample": ["sample", "RUN", "--out", "x.png"], "eval fid": ["eval", "fid", "RUN", "--ref", "REF"],
+                     "eval toy": ["eval", "toy", "RUN"]}
+
+
+def _option_help(argv_help: list[str], flag: str, capsys) -> str:
+    """The help block of ``flag`` in ``ddpm ... --help``: its line and continuation lines."""
+    with pytest.raises(SystemExit):
+        main(argv_help)
+    block = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  -|^$|\Z)", capsys.readouterr().out, re.M | re.S)
+    assert block, flag
+    return " ".join(block.group(0).split())
+
+
+def test_sample_and_eval_share_sampling_options(capsys):
+    parser = build_parser()
+    keys = list(SHARED)
+    defaults = [{k: vars(parser.parse_args(argv))[k] for k in keys} for argv in SAMPLING_COMMANDS.values()]
+    assert defaults[0] == defaults[1] == defaults[2]
+    assert defaults[0] == {"sampler": None, "steps": None, "eta": None, "seed": 0, "batch_size": 256, "device": "auto",
+                           "amp": "off", "no_ema": False, "progress": False}
+    given = [flag for option in SHARED.values() for flag in option]
+    parsed = [{k: vars(parser.parse_args(argv + given))[k] for k in keys} for argv in SAMPLING_COMMANDS.values()]
+    assert parsed[0] == parsed[1] == parsed[2]
+    assert parsed[0] == {"sampler": "dpm++2m", "steps": 7, "eta": 0.5, "seed": 3, "batch_size": 9, "device": "cpu",
+                         "amp": "bf16", "no_ema": True, "progress": True}
+    for option in SHARED.values():  # word for word the same help
+        texts = {_option_help([*command.split(), "--help"], option[0], capsys) for command in SAMPLING_COMMANDS}
+        assert len(texts) == 1, texts
+    # The older spellings still parse: --sample-batch-size (eval fid: the sampler's batch alone,
+    # --batch-size then sets Inception's; eval toy: another name for --batch-size).
+    fid = parser.parse_args(["eval", "fid", "RUN", "--ref", "REF", "--sample-batch-size", "64", "--batch-size", "500"])
+    assert (fid.sample_batch_size, fid.batch_size, fid.inception_batch_size) == (64, 500, None)
+    assert parser.parse_args(["eval", "toy", "RUN", "--sample-batch-size", "64"]).batch_size == 64
 
 
 def expect_user_error(capsys, argv, needle):
@@ -125,6 +178,22 @@ def test_bad_checkpoints_exit_2_with_one_line(run_dir, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_bad_eval_and_sampling_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
+    expect_user_error(capsys, ["eval", "fid", str(run_dir)], "the following arguments are required: --ref")
+    expect_user_error(capsys, ["eval", "bogus", str(run_dir)], "invalid choice: 'bogus'")
+    expect_user_error(capsys, ["eval", "toy", str(run_dir), "--num", "0"], "expected a positive integer, got '0'")
+    expect_user_error(capsys, ["eval", "toy", str(run_dir), "--sampler", "euler"], "invalid choice: 'euler'")
+    expect_user_error(capsys, ["eval", "nll", str(tmp_path / "missing")], "missing")
+    expect_user_error(capsys, ["eval", "toy", str(run_dir), "--device", "cpu"], "needs a toy run")
+    png = str(tmp_path / "x.png")
+    expect_user_error(capsys, ["sample", str(run_dir), "--out", png, "--batch-size", "0"], "positive integer")
+    expect_user_error(capsys, ["sample", str(run_dir), "--out", png, "--device", "gpu"], "unknown --device 'gpu'")
+    expect_user_error(capsys, ["sample", str(run_dir), "--out", png, "--sampler", "ddpm", "--eta", "0.5"], "ddim")
+    if not torch.cuda.is_available():
+        expect_user_error(capsys, ["eval", "toy", str(run_dir), "--device", "cuda"], "CUDA is not available")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     proc = run_cli("sample", str(tmp_path / "missing-run"), "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 2
@@ -132,24 +201,30 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch):
-    import importlib
-    import signal
-
-    train_module = importlib.import_module("ddpm.training")
-    real_lr_at = train_module._lr_at
-
-    def press_ctrl_c(config, step):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(config, step)
-
-    monkeypatch.setattr(train_module, "_lr_at", press_ctrl_c)
+def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
+    """A real SIGINT to a real training process once it has logged a step: it saves a checkpoint of
+    the last completed step (--ckpt-every 0: no other checkpoint exists) and exits 130."""
     out = tmp_path / "r"
-    assert main(["train", *TINY, "--steps", "100", "--out", str(out)]) == 130
-    err = capsys.readouterr().err
-    assert "interrupted at step 2" in err and "--resume" in err and "Traceback" not in err
-    assert (out / "ckpt-0000002" / "state.pt").is_file()
+    argv = ["train", *TINY, "--steps", "100000", "--ckpt-every", "0", "--log-every", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        log, deadline = out / "log.jsonl", time.monotonic() + 120
+        while not (log.is_file() and log.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no log line in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    step = int(re.search(r"interrupted at step (\d+)", err).group(1))
+    assert 1 <= step < 100000
+    assert [p.name for p in out.glob("ckpt-*")] == [f"ckpt-{step:07d}"]
+    assert (out / f"ckpt-{step:07d}" / "state.pt").is_file()
 
 
 def test_bare_ddpm_prints_help_instead_of_training(capsys, tmp_path, monkeypatch):

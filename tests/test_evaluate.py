@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from test_cli import expect_user_error
+
 from ddpm import evaluate
+from ddpm.cli import main
+from ddpm.config import EvalConfig
 from ddpm.diffusion import discretized_gaussian_log_likelihood
-from ddpm.errors import UserError
 from ddpm.nll import nll_bpd, stratified_timesteps, vlb_terms
 from ddpm.schedules import NoiseSchedule
 
@@ -165,11 +168,12 @@ def test_toy_metrics_report():
 def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
     from ddpm.data import open_source
 
-    cfg = evaluate.PeriodicEvalConfig()
+    cfg = EvalConfig()
     assert evaluate.periodic_eval(None, schedule, cfg, step=100, run_dir=tmp_path, shape=(2,), sample_kwargs={}) is None
     with pytest.raises(ValueError, match="periodic metric"):
-        evaluate.PeriodicEvalConfig(metrics=("psnr",))
+        EvalConfig(metrics=("psnr",))
     data = open_source("toy:gaussian_mixture")
+
     class Model(torch.nn.Module):  # a Module, to check that its train/eval mode is restored
         def __init__(self):
             super().__init__()
@@ -179,7 +183,7 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
             return self.linear(x)
 
     model = Model().train()
-    cfg = evaluate.PeriodicEvalConfig(every=10, num=64, steps=5, nll_timesteps=4)
+    cfg = EvalConfig(every=10, num=64, steps=5, nll_timesteps=4)
     rec = evaluate.periodic_eval(model, schedule, cfg, step=20, run_dir=tmp_path, data=data, device="cpu",
                                  shape=(2,), sample_kwargs={"prediction": "eps", "variance": "fixed_large",
                                                 "clip_denoised": False})
@@ -211,51 +215,43 @@ def tiny_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs") / "tiny", "tiny")
 
 
-def test_cli_nll_on_a_tiny_mnist_run(tiny_run):
-    from ddpm.cli_eval import main
-
-    assert main(["nll", str(tiny_run), "--num", "6", "--timesteps", "3", "--batch-size", "6", "--device", "cpu"]) == 0
+def test_cli_nll_on_a_tiny_mnist_run(tiny_run, capsys):
+    assert main(["eval", "nll", str(tiny_run), "--num", "6", "--timesteps", "3", "--batch-size", "6", "--device", "cpu"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
     reports = list((tiny_run / "eval").glob("nll-*.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     assert report["data"] == "mnist" and report["split"] == "test" and report["decoder"] == "discretized"
     assert report["num_examples"] == 6 and report["dims"] == 28 * 28 and report["estimate"] == "stratified-3"
     assert 0 < report["bpd"] < 50 and report["step"] == 2
-    with pytest.raises(UserError, match="timesteps"):
-        main(["nll", str(tiny_run), "--timesteps", "some"])
-    with pytest.raises(UserError, match="toy"):
-        main(["toy", str(tiny_run)])
-    with pytest.raises(UserError):
-        main(["nll", str(tiny_run.parent / "missing")])
-    with pytest.raises(UserError, match="invalid choice"):
-        main(["bogus"])
+    expect_user_error(capsys, ["eval", "nll", str(tiny_run), "--timesteps", "some"], "timesteps")
+    expect_user_error(capsys, ["eval", "toy", str(tiny_run)], "toy")
+    expect_user_error(capsys, ["eval", "nll", str(tiny_run.parent / "missing")], "missing")
 
 
-def test_ddpm_cli_forwards_eval(tiny_run, capsys, monkeypatch):
-    from ddpm.cli import main as ddpm_main
-
+def test_cli_fid_checks_the_reference_before_sampling(tiny_run, capsys, monkeypatch):
     monkeypatch.delenv(evaluate.CIFAR10_ENV, raising=False)
-
-    assert ddpm_main(["eval", "nll", str(tiny_run), "--num", "2", "--timesteps", "1", "--device", "cpu",
-                      "--out", str(tiny_run / "eval" / "fwd.json")]) == 0
-    assert "bits/dim" in capsys.readouterr().out
-    assert ddpm_main(["eval", "fid", str(tiny_run), "--ref", "cifar10-train", "--ref-data", ""]) == 2
-    assert capsys.readouterr().err.startswith("ddpm: error: --ref cifar10-train needs the CIFAR-10 folder")
+    expect_user_error(capsys, ["eval", "fid", str(tiny_run), "--ref", "cifar10-train", "--ref-data", ""],
+                      "--ref cifar10-train needs the CIFAR-10 folder")
+    assert not list(tiny_run.glob("eval/samples-*"))  # refused before drawing anything
 
 
 def test_cli_toy_run(tmp_path):
-    pytest.importorskip("ddpm.mlp")
-    from ddpm.cli_eval import main
-
     run = make_run(tmp_path / "toy", "toy2d")
     out = tmp_path / "toy.json"
-    assert main(["toy", str(run), "--num", "200", "--sampler", "ddim", "--steps", "5", "--out", str(out),
+    assert main(["eval", "toy", str(run), "--num", "200", "--sampler", "ddim", "--steps", "5", "--out", str(out),
                  "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     assert report["dataset"] == "gaussian_mixture" and report["num_samples"] == 200 and report["step"] == 2
+    assert (report["sampler"], report["steps"], report["eta"]) == ("ddim", 5, 0.0)
     # untrained weights: far from the data, by more than the truth-vs-truth baseline
     assert "log_likelihood" in report and report["baseline_truth_vs_truth"]["energy_distance"] < report["energy_distance"]
-    assert main(["nll", str(run), "--num", "32", "--timesteps", "4", "--device", "cpu"]) == 0
+    # no sampler options: the run's preview settings, as `ddpm sample` uses
+    assert main(["eval", "toy", str(run), "--num", "20", "--out", str(tmp_path / "default.json"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "default.json").read_text())
+    config = json.loads((run / "config.json").read_text())["sample"]
+    assert (report["sampler"], report["steps"], report["eta"]) == (config["sampler"], config["steps"], config["eta"])
+    assert main(["eval", "nll", str(run), "--num", "32", "--timesteps", "4", "--device", "cpu"]) == 0
     report = json.loads(next((run / "eval").glob("nll-*.json")).read_text())
     assert report["decoder"] == "continuous" and report["dims"] == 2 and report["num_examples"] == 32
 
@@ -268,7 +264,6 @@ def test_recipe_for_converted_diffusers_weights(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from ddpm import UNet, load
     from ddpm.checkpoint import save_checkpoint
-    from ddpm.cli_eval import main
     from ddpm.presets import get_preset
 
     torch.manual_seed(0)
@@ -292,6 +287,6 @@ def test_recipe_for_converted_diffusers_weights(tmp_path):
     assert loaded.sample_kwargs["variance"] == "fixed_large" and loaded.schedule.num_timesteps == 1000
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", images=images)
-    assert main(["nll", str(run), "--data", f"npz:{tmp_path / 'data.npz'}", "--timesteps", "2", "--device", "cpu"]) == 0
+    assert main(["eval", "nll", str(run), "--data", f"npz:{tmp_path / 'data.npz'}", "--timesteps", "2", "--device", "cpu"]) == 0
     report = json.loads(next((run / "eval").glob("nll-*.json")).read_text())
     assert report["num_examples"] == 4 and report["dims"] == 3 * 8 * 8 and report["variance"] == "fixed_large"

@@ -174,7 +174,7 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
     from PIL import Image
 
     from ddpm import evaluate
-    from ddpm.cli_eval import main
+    from ddpm.cli import main
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -197,8 +197,8 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
     from test_evaluate import make_run
 
     run = make_run(tmp_path / "run", "tiny")
-    rc = main(["fid", str(run), "--ref", str(ref_dir), "--num", "3", "--sampler", "ddim", "--steps", "2",
-               "--inception-weights", str(weights_file), "--cache-dir", str(cache), "--device", "cpu"])
+    rc = main(["eval", "fid", str(run), "--ref", str(ref_dir), "--num", "3", "--sampler", "ddim", "--steps", "2",
+               "--batch-size", "2", "--inception-weights", str(weights_file), "--cache-dir", str(cache), "--device", "cpu"])
     reports = list((run / "eval").glob("fid-*.json"))
     assert rc == 0 and len(reports) == 1
     report = json.loads(reports[0].read_text())
@@ -206,6 +206,10 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
     assert report["sampler"] == "ddim" and report["steps"] == 2 and report["step"] == 2
     assert report["weights"]["file"] == str(weights_file.resolve())
     assert fid.load_npz_images(report["samples_file"]).shape == (3, 28, 28, 1)
+    # the images `ddpm sample` draws with the same options (one batch here, two above)
+    assert main(["sample", str(run), "--num", "3", "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(report["samples_file"])["images"], np.load(tmp_path / "s.npz")["images"])
 
     # the cached statistics, used as a stats .npz reference, give the same FID
     stats_file = next(cache.glob("*.npz"))

@@ -53,7 +53,6 @@ _EXPORTS = {
     "energy_distance": "evaluate",
     "mmd_rbf": "evaluate",
     "periodic_eval": "evaluate",
-    "PeriodicEvalConfig": "evaluate",
     "EvalConfig": "config",
     "frechet_distance": "fid",
     "open_source": "data",

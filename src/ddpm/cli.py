@@ -38,11 +38,18 @@ SCHEDULE_EXAMPLES = """examples:
   ddpm schedules --table
   ddpm schedules --plot docs/schedules.png --T 1000
 """
-EVAL_EXAMPLES = """examples:
-  ddpm eval fid runs/c10 --ref cifar10-train --ref-data ~/data/cifar10 --num 50000
-  ddpm eval nll runs/c10 --data cifar10:~/data/cifar10 --split test
+# example lines of the eval commands, shown by each command and all together by `ddpm eval --help`
+FID_EXAMPLES = """\
+  ddpm eval fid runs/c10 --ref cifar10-train --ref-data ~/data/cifar10 --num 50000 --sampler ddpm
+  ddpm eval fid samples.npz --ref stats.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
+"""
+NLL_EXAMPLES = """\
+  ddpm eval nll runs/c10 --data cifar10:~/data/cifar10 --split test                  # all T terms
+  ddpm eval nll runs/c10 --data cifar10:~/data/cifar10 --split test --timesteps 100  # stratified, ~10x cheaper
+"""
+TOY_EXAMPLES = """\
   ddpm eval toy runs/moons --num 2000
-(see `ddpm eval --help`)
+  ddpm eval toy runs/moons --sampler ddpm                                             # all T steps
 """
 
 
@@ -58,18 +65,122 @@ def _json_value(text: str):
         return text  # bare strings such as sqrt_linear
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which weights of a run to load, where to run them: every command that loads a run."""
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, num_help: str) -> None:
+    """The sampling options of ``ddpm sample``, ``ddpm eval fid`` and ``ddpm eval toy``: one
+    definition, so the same flags mean the same thing with the same defaults everywhere (only the
+    sample count differs: a grid, a toy metric and FID want different numbers)."""
+    from .accel import AMP_MODES
+    from .samplers import SAMPLERS
+
+    p.add_argument("--num", type=_positive, default=num_default, help=num_help)
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's preview sampler (config sample.sampler)")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default: the run's preview steps for its "
+                   "preview sampler, else the sampler's default: ddpm T, ddim 50, dpm++2m 20)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's preview eta for ddim, else 0)")
+    p.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), not on batch size")
+    p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch")
+    p.add_argument("--amp", choices=AMP_MODES, default="off", help="bf16 autocast for the network")
+    _add_model_args(p)
+
+
+def _eval_command(name: str):
+    # cli_eval (numpy, the metrics) is imported only when an eval command runs.
+    def run(args) -> int:
+        from . import cli_eval
+
+        return getattr(cli_eval, f"cmd_{name}")(args)
+
+    return run
+
+
+def _add_eval_parsers(e: argparse.ArgumentParser, fmt) -> None:
+    """``ddpm eval fid|nll|toy``: nested subcommands of the one parser."""
+    sub = e.add_subparsers(dest="metric", metavar="{fid,nll,toy}")
+    report = "report path (.json); default: RUN/eval/... or next to the samples"
+
+    p = sub.add_parser("fid", help="FID (+ IS, KID) against a reference set", formatter_class=fmt,
+                       epilog="examples:\n" + FID_EXAMPLES,
+                       description="FID, Inception Score and KID of samples drawn from a run, an npz or an image folder.")
+    p.set_defaults(func=_eval_command("fid"))
+    p.add_argument("source", help="RUN_DIR or checkpoint (samples are drawn), samples .npz (images uint8 NHWC), or image DIR")
+    p.add_argument("--ref", required=True, help="cifar10-train, cifar10-test, stats .npz (mu, sigma), images .npz, or image DIR")
+    p.add_argument("--ref-data", default=None, help="CIFAR-10 folder for --ref cifar10-* (default: $DDPM_CIFAR10_DIR)")
+    p.add_argument("--ref-num", type=_positive, default=None, help="use the first N reference images (default: all)")
+    p.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $DDPM_INCEPTION_WEIGHTS, torch.hub cache, or download)")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default: $DDPM_CACHE_DIR/fid or ~/.cache/ddpm/fid)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
+    p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
+    p.add_argument("--no-kid", action="store_true", help="skip KID")
+    p.add_argument("--no-save-samples", action="store_true", help="do not keep drawn samples as RUN_DIR/eval/*.npz")
+    p.add_argument("--out", default=None, help=report)
+    _add_sampling_args(p, num_default=None, num_help="samples to draw from a run (default: 50,000) "
+                       "or to take from an npz/folder (default: all)")
+    # --batch-size sets both networks' batch (the one definition above); these set one each.
+    # (Before the one parser, --batch-size meant Inception's and --sample-batch-size the sampler's.)
+    p.add_argument("--sample-batch-size", type=_positive, default=None,
+                   help="sampling batch alone (default: --batch-size)")
+    p.add_argument("--inception-batch-size", type=_positive, default=None,
+                   help="Inception batch alone (default: --batch-size)")
+
+    p = sub.add_parser("nll", help="variational bound in bits/dim (eq. 5)", formatter_class=fmt,
+                       epilog="examples:\n" + NLL_EXAMPLES,
+                       description="The variational bound L (eq. 5) of data under a run, in bits/dim.")
+    p.set_defaults(func=_eval_command("nll"))
+    p.add_argument("run", help="RUN_DIR or checkpoint")
+    p.add_argument("--data", default=None, help="data source spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="MNIST/CIFAR-10 split (default: test, as the paper)")
+    p.add_argument("--num", type=_positive, default=None, help="evaluate the first N items (default: all)")
+    p.add_argument("--timesteps", default="all", help="'all' (T model calls per item) or K stratified timesteps")
+    p.add_argument("--batch-size", type=_positive, default=128, help="data items per network batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps of the estimate")
+    p.add_argument("--variance", default=None, choices=("fixed_small", "fixed_large"), help="default: the run's")
+    p.add_argument("--clip-denoised", action="store_true", help="clip x0 predictions to [-1, 1] in the model mean")
+    p.add_argument("--out", default=None, help=report)
+    _add_model_args(p)
+
+    p = sub.add_parser("toy", help="energy distance / MMD / log-likelihood for 2-D toy runs", formatter_class=fmt,
+                       epilog="examples:\n" + TOY_EXAMPLES,
+                       description="Two-sample statistics of a 2-D toy run's samples against its data.")
+    p.set_defaults(func=_eval_command("toy"))
+    p.add_argument("run", help="RUN_DIR or checkpoint")
+    p.add_argument("--data", default=None, help="toy:NAME (default: the run's training data)")
+    p.add_argument("--out", default=None, help=report)
+    _add_sampling_args(p, num_default=2000, num_help="samples to draw")
+    p.add_argument("--sample-batch-size", dest="batch_size", type=_positive, default=argparse.SUPPRESS,
+                   help="older spelling of --batch-size")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SAMPLER_NAMES
     from .presets import PRESETS
     from .schedules import SCHEDULES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
                      formatter_class=fmt, epilog=QUICKSTART)
+    parser.set_defaults(func=None)
     sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES, description="Train a DDPM. Flags override the config file, which overrides the preset.")
+    t.set_defaults(func=cmd_train)
     t.add_argument("--preset", choices=PRESETS, help="base configuration (default: mnist, or the run's own when resuming)")
     t.add_argument("--config", help="TOML/YAML/JSON file with sections model, diffusion, optim, train, data, sample")
     t.add_argument("--data", help="data source: mnist, cifar10:DIR, folder:DIR, npz:FILE, toy:NAME")
@@ -111,30 +222,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a trained run or checkpoint", formatter_class=fmt,
                        epilog=SAMPLE_EXAMPLES, description="Draw samples (EMA weights by default) into a PNG grid or an npz.")
+    s.set_defaults(func=cmd_sample)
     s.add_argument("path", help="run directory, ckpt-NNNNNNN folder or .safetensors file")
-    s.add_argument("--num", type=int, default=64, help="number of samples")
-    s.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the run's preview sampler")
-    s.add_argument("--steps", type=int, help="sampling steps (default: the run's preview setting)")
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    s.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), not on batch size")
-    s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images: uint8 (N, H, W, C))")
     s.add_argument("--trajectory", help="FILE.png: predicted x0 along t for the first 8 samples (Figure 6)")
-    s.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    s.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast for the network")
-    s.add_argument("--progress", action="store_true", help="progress bar over sampling steps")
+    _add_sampling_args(s, num_default=64, num_help="number of samples")
 
     c = sub.add_parser("schedules", help="plot or tabulate the four seed beta schedules", formatter_class=fmt,
                        epilog=SCHEDULE_EXAMPLES, description="beta_t, abar_t and log-SNR of linear, cosine, sqrt_linear, sqrt.")
+    c.set_defaults(func=cmd_schedules)
     c.add_argument("--plot", help="write a PNG with the schedules side by side")
     c.add_argument("--table", action="store_true", help="print a table (default when --plot is not given)")
     c.add_argument("--T", type=int, default=1000, help="number of timesteps")
     c.add_argument("--every", type=int, default=100, help="table row spacing")
 
-    sub.add_parser("eval", help="FID, NLL in bits/dim, toy metrics (see ddpm eval --help)", formatter_class=fmt,
-                   epilog=EVAL_EXAMPLES, add_help=False)
+    e = sub.add_parser("eval", help="FID, NLL in bits/dim, toy metrics", formatter_class=fmt,
+                       epilog="examples:\n" + FID_EXAMPLES + NLL_EXAMPLES + TOY_EXAMPLES,
+                       description="Evaluate runs and samples; each command prints a summary and writes a JSON report.")
+    e.set_defaults(func=lambda args: _usage(e))
+    _add_eval_parsers(e, fmt)
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    # A command without its subcommand (bare `ddpm`, `ddpm eval`) shows what there is.
+    parser.print_help()
+    return 2
+
+
+def resolve_device(name: str) -> str:
+    """--device: auto -> cuda when available, else cpu; CUDA asked for but absent is a user error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available")
+    return name
+
+
+def load_run(path: str, args):
+    """(LoadedRun, device) for the run, checkpoint or weights file ``path`` and the --device/--no-ema options."""
+    from .checkpoint import load
+
+    device = resolve_device(args.device)
+    return load(path, ema=not args.no_ema, device=device), device
 
 
 def cmd_train(args) -> int:
@@ -167,34 +303,18 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from . import accel, viz
-    from .checkpoint import load
-    from .samplers import per_sample_seeds, sample
+    from . import viz
+    from .batch_sampling import sample_batches, sampler_settings
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {out.name!r}")
-    if args.num < 1 or args.batch_size < 1:
-        raise UserError("--num and --batch-size must be >= 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    run = load(args.path, ema=not args.no_ema, device=device)
-    kw, shape = run.sample_kwargs, run.shape
-    preview = run.config.sample
-    sampler = args.sampler or preview.sampler
-    steps = args.steps if args.steps is not None else (preview.steps if sampler == preview.sampler else None)
-    eta = args.eta if args.eta is not None else (preview.eta if sampler == "ddim" else 0.0)
-    chunks, trajectory = [], None
-    with torch.no_grad(), accel.autocast(device, args.amp):
-        for start in range(0, args.num, args.batch_size):
-            n = min(args.batch_size, args.num - start)
-            seeds = per_sample_seeds(args.seed, n, offset=start, device=device)
-            result = sample(run.model, run.schedule, (n, *shape), sampler=sampler, steps=steps, eta=eta,
-                            generator=seeds, device=device, progress=args.progress,
-                            return_trajectory=bool(args.trajectory) and start == 0, **kw)
-            if isinstance(result, tuple):
-                result, trajectory = result
-            chunks.append(result.float().cpu())
-    x0 = torch.cat(chunks)
+    run, device = load_run(args.path, args)
+    settings = sampler_settings(run, args.sampler, args.steps, args.eta)
+    result = sample_batches(run, args.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
+                            amp=args.amp, progress=args.progress, return_trajectory=bool(args.trajectory))
+    x0, trajectory = result if args.trajectory else (result, None)
+    shape = run.shape
     if out.suffix.lower() == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         images = viz.to_uint8(x0) if len(shape) == 3 else None
@@ -203,11 +323,11 @@ def cmd_sample(args) -> int:
         viz.save_grid(x0, out)
     else:
         viz.save_scatter(x0, out)
-    if trajectory is not None and len(shape) == 3:
+    if args.trajectory and len(shape) == 3:
         ts, x0s = trajectory["timesteps"], trajectory["x0"][:, :8].float().cpu()
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
-    print(f"ddpm: wrote {args.num} samples ({sampler}, {run.path}) to {out}")
+    print(f"ddpm: wrote {args.num} samples ({settings.sampler}, {settings.steps} steps, {run.path}) to {out}")
     return 0
 
 
@@ -224,18 +344,13 @@ def cmd_schedules(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["eval"]:
-            from . import cli_eval
-
-            return cli_eval.main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command is None:
+        if args.func is None:
             # A bare `ddpm` shows what there is rather than starting a 15-minute training run;
             # `ddpm train` with no options is the quick start.
-            parser.print_help()
-            return 2
-        return {"train": cmd_train, "sample": cmd_sample, "schedules": cmd_schedules}[args.command](args)
+            return _usage(parser)
+        return args.func(args)
     except KeyboardInterrupt as exc:
         from .training import TrainingInterrupted
 

@@ -24,15 +24,14 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from . import fid as _fid
-from .errors import UserError
 from .config import EvalConfig
-
-PeriodicEvalConfig = EvalConfig  # the name this module first used
+from .errors import UserError
 
 CIFAR10_ENV = "DDPM_CIFAR10_DIR"
 CIFAR10_REFS = {"cifar10-train": "train", "cifar10-test": "test"}
@@ -70,7 +69,7 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Samples from a run
+# Runs: what a path holds, where reports go, what data it was trained on
 # ---------------------------------------------------------------------------------------------
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -85,39 +84,6 @@ def run_dir_of(run) -> Path:
     """The run directory of a ``LoadedRun`` (its weights live in RUN/ckpt-NNNNNNN/), for reports."""
     weights = Path(run.path)
     return weights.parent.parent if weights.parent.name.startswith("ckpt-") else weights.parent
-
-
-@torch.no_grad()
-def sample_run(run, num: int, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
-               amp: str = "off", progress: bool = False) -> torch.Tensor:
-    """Draw ``num`` samples (num, ...) from a loaded run with ``ddpm.sample``, batch by batch.
-
-    Sample i uses per-sample seed i of base ``seed``, so the result does not depend on batch size.
-    ``amp="bf16"`` runs the network under bf16 autocast (``ddpm.accel.autocast``).
-    """
-    from .accel import autocast
-    from .samplers import per_sample_seeds, sample
-
-    device = device or default_device()
-    kwargs, shape = dict(run.sample_kwargs), tuple(run.shape)
-    model = run.model
-    if isinstance(model, torch.nn.Module):
-        model = model.to(device).eval()
-    schedule = run.schedule.to(device)
-    out = []
-    starts = range(0, num, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"sampling ({sampler})", unit="batch")
-    for start in starts:
-        b = min(batch_size, num - start)
-        with autocast(device, amp):
-            x = sample(model, schedule, (b, *shape), sampler=sampler, steps=steps, eta=eta,
-                       generator=per_sample_seeds(seed, b, start), device=device, **kwargs)
-        out.append(x.float().cpu())
-    return torch.cat(out)
 
 
 def run_data_spec(run) -> str | None:
@@ -330,6 +296,7 @@ def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: st
     Returns the record, or None when nothing ran. The model is put back in its previous mode."""
     if not config.every or step % config.every:
         return None
+    from .batch_sampling import SamplerSettings, sample_batches
     from .nll import nll_bpd
     from .viz import to_uint8
 
@@ -339,14 +306,13 @@ def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: st
     if device is None:
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         device = params[0].device if params else default_device()
-    run = type("Run", (), {"model": model, "schedule": schedule, "shape": shape, "sample_kwargs": sample_kwargs,
-                           "config": None})
+    run = SimpleNamespace(model=model, schedule=schedule, shape=tuple(shape), sample_kwargs=sample_kwargs)
     record = {"step": int(step), "sampler": config.sampler, "steps": config.steps, "num": config.num}
     kind = getattr(data, "kind", None)
     try:
         need_samples = ("toy" in config.metrics and kind == "toy") or ("fid" in config.metrics and kind == "image")
-        samples = sample_run(run, config.num, sampler=config.sampler, steps=config.steps, seed=config.seed,
-                             device=device) if need_samples else None
+        settings = SamplerSettings(config.sampler, config.steps)
+        samples = sample_batches(run, config.num, settings, seed=config.seed, device=device) if need_samples else None
         if "toy" in config.metrics and kind == "toy":
             name = str(getattr(data, "name", "")).removeprefix("toy:")
             record["toy"] = toy_metrics(samples, name, seed=config.seed)
