@@ -32,6 +32,7 @@ _EXPORTS = {
     "sample": "samplers",
     "SAMPLERS": "samplers",
     "SPACINGS": "samplers",
+    "default_steps": "samplers",
     "timestep_grid": "samplers",
     "per_sample_seeds": "samplers",
     "gaussian_noise": "samplers",
