@@ -10,53 +10,7 @@ the passing samples, which must show all ten digits in fair shares.
     python bench/mnist_quality.py runs/mnist-... --sampler ddpm --num 1000
     python bench/mnist_quality.py --npz samples.npz
 
-Measured (2026-11-27; pass = confidence > 0.9, 1000 samples unless noted; classifier 98.7% test
-accuracy). All runs: the mnist preset's U-Net (ch 32, mult 1-2-2, 1 res block, 1.06M params),
-bf16 autocast, trained on an H200 for speed (the CPU gives the same numbers: P1 below scored
-0.733 with an identical histogram when sampled on the CPU).
-  sweep 1 (bench/mnist_sweep.sh, compared at ~1000 steps, DDIM-50):
-    L_simple const lr 0.528 | min-SNR + cosine 0.564 | L_simple + cosine 0.532 | min-SNR const 0.567
-    lr 2e-3 0.520 | batch 128 0.599 (1000 of 1300 steps) | 2 res blocks + attn 7x7 0.512 (800 steps)
-    samplers on min-SNR + cosine: ancestral-1000 0.623, DDIM-50 0.564, DPM++2M-20 0.576
-  sweep 2 (bench/mnist_sweep2.sh, min-SNR + cosine, DDIM-50 by checkpoint):
-    P1 batch 64, 3600 steps:  1200: 0.586  2400: 0.699  3600: 0.733  (ancestral-1000: 0.753)
-    P2 batch 128, 2400 steps:  800: 0.584  1600: 0.682  2400: 0.727  (ancestral-1000: 0.789)
-  samplers on P1, the same 300 seeds: DDIM-50 0.690, ancestral-100 0.743, ancestral-250 0.740
-  P1 with the preset's preview sampler (ancestral-100), 1000 samples on the CPU: 0.765,
-    passing digits 0-9: 59 85 75 76 75 65 83 79 78 90 (7.7% to 11.8% each)
-The real thing, `ddpm train` with no arguments on this 2-core CPU (lightly loaded): 3000 steps
-in 11 min 24 s wall (4.5 steps/s), then 1000 samples (ancestral-100): pass rate 0.725, passing
-digits 0-9: 71 84 85 66 65 46 76 70 77 85 (6.3% to 11.7% each).
-The same with the seed's cosine noise schedule instead of sqrt_linear (now the preset's): 3000
-steps in 11 min 27 s, pass rate 0.777, passing digits 0-9: 62 99 71 88 83 66 72 78 56 102 (7.2%
-to 13.1% each); docs/mnist_samples.png shows the first 100. On that checkpoint, same seeds:
-ancestral-200 0.755, ancestral-100 with fixed_large variance 0.764 (binomial s.e. ~0.013).
-Cosine with 3400 steps instead of 3000 (13 min 50 s of training, too close to the 14-minute
-cap): 0.775, no better, so the preset keeps 3000.
-Step cost on this 2-core CPU (idle): about 0.25 s at batch 64 in bf16 (0.38 s of one core's
-thread time; float32 is 2x slower), so 15 minutes hold about 3000 steps: the preset's budget.
-
-Round 3 (2026-11-27, this CPU; two training runs at a time on one thread each, which changes only
-their speed; 1000 samples, ancestral-100, seeds 1..1000, EMA weights unless noted):
-  ch 32 mult 1-2-2 (the preset above), its EMA vs its raw weights: 0.777 vs 0.761
-  v-prediction instead of eps (ch 32, cosine, min-SNR 5, 3000 steps): 0.742
-  architectures at equal wall time (training steps per second measured first, steps fitted to it):
-    ch 24 mult 1-2-4 (1.43M, 3500 steps) 0.780 | ch 16 mult 1-3-6 (1.36M, 4000 steps) 0.791
-    ch 16 mult 1-2-4 (0.64M, 5700 steps) 0.792 -- a thin full-resolution level buys steps cheaply
-  EMA warm-up w in (1 + t) / (w + t) on the 5700-step ch 16 run (the 0.999 cap is never reached
-    in runs this short, so w sets the averaging length): w = 5, 10, 20, 40: 0.799, 0.792, 0.799,
-    0.806 (within noise: the preset keeps 10)
-  on ch 16 mult 1-2-4, 5700 steps: min-SNR gamma 1 instead of 5 0.814 | peak lr 2e-3 instead of
-    1e-3 0.818 | both (`ddpm train` alone, stopped by max_minutes at 5369 of 5700 steps) 0.826
-  speed: glibc handed every step's freed activations back to the OS and faulted them in again
-    (14,000 page faults per step, 6.3 steps/s); ddpm.accel.keep_freed_memory: 7.1-7.8 steps/s.
-    The machine's own speed still drifts (6.3-7.7 steps/s within one run), so the preset takes
-    5000 steps, which end before the 14-minute cap.
-The real thing with that preset (ch 16 mult 1-2-4, 5000 steps, lr 2e-3, min-SNR gamma 1):
-`ddpm train` with no arguments alone on this 2-core CPU, 12 min 02 s wall (7.0 steps/s on
-average), then `python bench/mnist_quality.py RUN --num 1000 --amp bf16` (ancestral-100): pass
-rate 0.811, passing digits 0-9: 68 102 77 86 73 73 73 89 65 105 (8.0% to 12.9% each);
-docs/mnist_samples.png shows the first 100.
+What was measured with it to tune the ``mnist`` preset: docs/mnist-recipe.md.
 """
 
 from __future__ import annotations

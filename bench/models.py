@@ -49,17 +49,9 @@ def diffusers_unet(seed: int = 0) -> nn.Module:
     return UNet2DModel(**DIFFUSERS_CIFAR10)
 
 
-def ours_from(theirs: nn.Module) -> nn.Module | None:
-    """Our UNet with the same weights, or None while ``ddpm.unet`` cannot convert yet."""
-    try:
-        from ddpm.unet import UNet
-    except ImportError:
-        return None
-    return UNet.from_diffusers(theirs)
-
-
-def model_pair(seed: int = 0) -> tuple[nn.Module | None, nn.Module]:
+def model_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(ours, diffusers) with identical weights, both in train mode, float32, on the CPU."""
+    from ddpm.unet import UNet
+
     theirs = diffusers_unet(seed)
-    ours = ours_from(theirs)
-    return ours, DiffusersEps(theirs)
+    return UNet.from_diffusers(theirs), DiffusersEps(theirs)

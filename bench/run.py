@@ -250,11 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     ours, theirs = model_pair()
-    if ours is None:
-        print("ddpm.unet.UNet.from_diffusers is not available: measuring diffusers only", file=sys.stderr)
     models = {"ours": ours, "diffusers": theirs}
-    flops = count_model_flops(models, device) if ours is not None else {"forward": 0.0, "train": 0.0}
-    same = same_function(models, device) if ours is not None else "n/a"
+    flops = count_model_flops(models, device)
+    same = same_function(models, device)
     if device.type == "cuda":  # after the float32 comparison above
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -282,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     for w in plan(device, args.quick):
         if only and w.name not in only:
             continue
-        if ours is None:
-            w.contestants = [c for c in w.contestants if c[1] == "diffusers"]
         elapsed = time.perf_counter() - start
         if args.budget_s is not None and elapsed > args.budget_s:
             rows.append({"workload": w.title, "key": "-", "mode": "-", "side": "-",

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import data
-from ddpm.data import TOY_SETS, open_source, random_hflip, toy_log_density, toy_sample
+from ddpm import data, readers
+from ddpm.data import TOY_SETS, open_source, toy_log_density, toy_sample
 from ddpm.errors import UserError
 
-MNIST_DIR = data._bundled_mnist_dir()
+MNIST_DIR = readers._bundled_mnist_dir()
 
 
 # -- MNIST ----------------------------------------------------------------------------------------
@@ -158,12 +158,12 @@ def test_cifar10_download_verifies_md5(tmp_path, monkeypatch):
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.setattr(readers, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(readers, "CIFAR10_MD5", "0" * 32)
     with pytest.raises(UserError, match="has md5"):
         open_source(f"cifar10:{tmp_path / 'dl'}", download=True)
     assert not (tmp_path / "dl" / "cifar-10-batches-py").exists()
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(readers, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     with pytest.warns(UserWarning):
         source = open_source(f"cifar10:{tmp_path / 'dl'}", download=True)
     assert len(source) == 3 and source.labels.tolist() == written["data_batch_1"][1]
@@ -292,7 +292,7 @@ def test_toy_known_density_values():
         toy_log_density("two_moons", mean)
 
 
-# -- errors and augmentation ----------------------------------------------------------------------
+# -- errors ---------------------------------------------------------------------------------------
 
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="unknown data source 'imagenet:x'; use one of mnist, cifar10:DIR"):
@@ -311,17 +311,3 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="image_size must be a positive integer"):
         open_source("mnist", image_size=0)
 
-
-def test_hflip():
-    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
-    g = torch.Generator().manual_seed(0)
-    flips = torch.rand(2, generator=torch.Generator().manual_seed(0)) < 0.5
-    out = random_hflip(x, g)
-    for i in range(2):
-        assert torch.equal(out[i], x[i].flip(-1) if flips[i] else x[i])
-    source = open_source("mnist:test", hflip=True)
-    assert source.shape == (1, 28, 28) and source.labels is not None
-    torch.manual_seed(0)
-    item = source[0]
-    plain = open_source("mnist:test")[0]
-    assert torch.equal(item, plain) or torch.equal(item, plain.flip(-1))

@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from .accel import AMP_MODES
+from .diffusion import PREDICTIONS, VARIANCES, WEIGHTINGS
 from .errors import UserError
+from .samplers import SAMPLERS
+from .schedules import SCHEDULES
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")  # mirrors ddpm.samplers.SAMPLERS without importing it
+# The choices of the ``Literal[...]`` fields below are the tuples of the modules that implement
+# them, so a new schedule, prediction, variance or sampler is accepted here the day it is added.
+AMP_CHOICES = ("auto", *AMP_MODES)
+SAMPLER_NAMES = SAMPLERS  # deprecated alias: use ddpm.samplers.SAMPLERS
 
 
 def _check_literals(obj: Any) -> None:
@@ -41,16 +48,16 @@ def _require(ok: bool, message: str) -> None:
 class DiffusionConfig:
     """The forward process (seed schedules) and what the network predicts."""
 
-    schedule: Literal["linear", "cosine", "sqrt_linear", "sqrt"] = "sqrt_linear"  # paper's linear = seed's sqrt_linear
+    schedule: Literal[SCHEDULES] = "sqrt_linear"  # paper's linear = seed's sqrt_linear
     timesteps: int = 1000
     linear_start: float = 1e-4
     linear_end: float = 2e-2
     cosine_s: float = 8e-3
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    weighting: Literal["simple", "min_snr"] = "simple"
+    prediction: Literal[PREDICTIONS] = "eps"
+    weighting: Literal[WEIGHTINGS] = "simple"
     min_snr_gamma: float = 5.0
     rescale_zero_terminal_snr: bool = False
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"  # sigma_t^2 used by ancestral sampling
+    variance: Literal[VARIANCES] = "fixed_small"  # sigma_t^2 used by ancestral sampling
     clip_denoised: bool = True
 
     def __post_init__(self):
@@ -112,7 +119,7 @@ class LoopConfig:
     keep_last: int = 3
     max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once it is spent
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "off", "bf16"] = "auto"  # auto = bf16 on CUDA, off on CPU
+    amp: Literal[AMP_CHOICES] = "auto"  # auto = bf16 on CUDA, off on CPU
     channels_last: bool = False
     compile: bool = False
     num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
@@ -148,7 +155,7 @@ class DataConfig:
 class SampleConfig:
     """How previews (and, by default, ``ddpm sample``) draw from the EMA model."""
 
-    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddpm"
+    sampler: Literal[SAMPLERS] = "ddpm"
     steps: Optional[int] = None  # None = all T steps
     eta: float = 0.0
     num: int = 64
@@ -172,7 +179,7 @@ class EvalConfig:
     every: int = 0
     metrics: tuple = ("toy", "nll")
     num: int = 256
-    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddim"
+    sampler: Literal[SAMPLERS] = "ddim"
     steps: int = 50
     nll_timesteps: int = 32
     fid_ref: Optional[str] = None

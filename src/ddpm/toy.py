@@ -5,17 +5,21 @@ Each set is drawn in its natural coordinates, then shifted and scaled by closed-
 mean 0 and average per-axis variance 1. Fixed constants, not estimates: ``toy_sample``, the
 fixed ``ToySource`` set and ``toy_log_density`` all describe the same distribution.
 gaussian_mixture and checkerboard have a closed-form density (``toy_log_density``), which the
-evaluation and the sampler tests use as ground truth.
+evaluation and the sampler tests use as ground truth. ``ToySource`` is the training set of a toy
+run (``ddpm.data.open_source("toy:NAME")``).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from .errors import UserError
 
-__all__ = ["TOY_SETS", "check_toy", "toy_sample", "toy_log_density"]
+__all__ = ["TOY_SETS", "check_toy", "toy_sample", "toy_log_density", "ToySource"]
 
 TOY_SETS = ("gaussian_mixture", "two_moons", "swiss_roll", "checkerboard")
 _GM_RADIUS, _GM_STD, _GM_K = 2.0, 0.1, 8      # 8 sharp components on a circle
@@ -100,3 +104,31 @@ def toy_log_density(name: str, x: torch.Tensor) -> torch.Tensor:
         return out.masked_fill(inside, float(np.log(scale**2 / 8)))
     raise UserError(f"toy set {name!r} has no closed-form density; known for gaussian_mixture, "
                     "checkerboard")
+
+
+class ToySource(Dataset):
+    """A fixed set of 2-D points (N, 2) drawn once from a fixed seed; items have shape (2,)."""
+
+    kind = "toy"
+    shape = (2,)
+    SIZE = 100_000
+    SEED = 20200619  # the DDPM paper's arXiv date, any fixed value would do
+
+    def __init__(self, toy_name: str):
+        generator = torch.Generator().manual_seed(self.SEED)
+        self.points = toy_sample(toy_name, self.SIZE, generator)
+        self.toy_name = toy_name
+        self.name = f"toy:{toy_name}"
+        self.labels = None
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.points[index]
+
+    def get_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        return self.points[torch.as_tensor(indices, dtype=torch.long)]
+
+    def __repr__(self) -> str:
+        return f"ToySource({self.name!r}, n={len(self)})"

@@ -1,0 +1,77 @@
+"""Run presets (named recipes): each builds and validates, one name means one network, and the
+config's choice lists are those of the modules that implement them."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+import torch
+
+from ddpm import accel, diffusion, samplers, schedules
+from ddpm import unet as unet_module
+from ddpm.config import DiffusionConfig, LoopConfig, SampleConfig, EvalConfig, TrainConfig, build_model
+from ddpm.data import SCHEMES, open_source
+from ddpm.errors import UserError
+from ddpm.presets import PRESETS, RECIPES, get_preset, resolve_config
+from ddpm.unet import UNet
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_validates_and_round_trips(name):
+    config = get_preset(name)
+    assert config.name == name
+    assert get_preset(name) is not config and get_preset(name) == config  # a fresh copy each time
+    # from_dict runs every section's validation again.
+    assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+    assert config.data.source.partition(":")[0] in SCHEMES
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_model(config.model).parameters()) > 0
+
+
+def test_presets_come_from_one_table_with_mnist_the_default():
+    assert PRESETS == tuple(RECIPES) and PRESETS[0] == "mnist"
+    assert resolve_config().name == "mnist"
+    with pytest.raises(UserError, match="unknown preset 'imagenet'; choose one of mnist, cifar10, toy2d, tiny"):
+        get_preset("imagenet")
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "tiny"])
+def test_network_preset_is_the_run_preset_network(name):
+    with torch.device("meta"):
+        model = UNet.from_preset(name)
+    assert model.config == get_preset(name).model == unet_module.preset_config(name)
+
+
+def test_network_only_presets_are_not_run_presets():
+    assert set(unet_module.PRESETS) - set(PRESETS) == {"celebahq256"}
+
+
+@pytest.mark.parametrize("name", ["mnist", "tiny"])
+def test_mnist_networks_take_the_bundled_data(name):
+    config = get_preset(name)
+    x0 = open_source(config.data.source, split="test").get_batch([0, 1])
+    model = UNet.from_preset(name).eval()
+    with torch.no_grad():
+        out = model(x0, torch.tensor([0, config.diffusion.timesteps - 1]))
+    assert out.shape == x0.shape == (2, 1, 28, 28)
+
+
+def _choices(cls, field: str) -> tuple:
+    hint = typing.get_type_hints(cls)[field]
+    assert typing.get_origin(hint) is typing.Literal
+    return typing.get_args(hint)
+
+
+def test_config_choices_are_those_of_the_implementing_modules():
+    assert _choices(DiffusionConfig, "schedule") == schedules.SCHEDULES
+    assert _choices(DiffusionConfig, "prediction") == diffusion.PREDICTIONS
+    assert _choices(DiffusionConfig, "weighting") == diffusion.WEIGHTINGS
+    assert _choices(DiffusionConfig, "variance") == diffusion.VARIANCES
+    assert _choices(SampleConfig, "sampler") == _choices(EvalConfig, "sampler") == samplers.SAMPLERS
+    assert _choices(LoopConfig, "amp") == ("auto", *accel.AMP_MODES)
+    with pytest.raises(ValueError, match=r"sampler 'euler' not allowed; choose one of ddpm, ddim, dpm\+\+2m$"):
+        SampleConfig(sampler="euler")
+    with pytest.raises(ValueError, match="schedule 'quad' not allowed; choose one of linear, cosine, sqrt_linear, sqrt$"):
+        DiffusionConfig(schedule="quad")
