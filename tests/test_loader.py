@@ -1,4 +1,5 @@
-"""ddpm.loader.Prefetcher: same batches as a direct fetch, fetched ahead, workers stopped."""
+"""ddpm.loader: the data order (IndexStream) and the Prefetcher (same batches as a direct fetch,
+fetched ahead, workers stopped)."""
 
 import threading
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from ddpm.loader import Prefetcher
-from ddpm.training import IndexStream
+from ddpm.loader import IndexStream
 
 DATA = torch.arange(50 * 3, dtype=torch.float32).view(50, 3)
 
@@ -14,6 +15,16 @@ DATA = torch.arange(50 * 3, dtype=torch.float32).view(50, 3)
 def _stream():
     stream = IndexStream(len(DATA), micro_batch=8, seed=3)
     return stream.batch, lambda idx: DATA[idx]
+
+
+def test_index_stream_is_a_sequence_of_epoch_permutations():
+    stream = IndexStream(n=10, micro_batch=4, seed=3)
+    order = torch.cat([stream.batch(j) for j in range(5)])  # 20 positions = 2 epochs
+    assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:].tolist()) == list(range(10))
+    assert not torch.equal(order[:10], order[10:])
+    # the state is only j: a fresh stream reproduces any batch (resume needs no iterator state)
+    assert torch.equal(IndexStream(10, 4, 3).batch(3), stream.batch(3))
+    assert not torch.equal(IndexStream(10, 4, 4).batch(0), stream.batch(0))
 
 
 @pytest.mark.parametrize("workers,depth", [(0, 1), (0, 2), (1, 2), (3, 4)])

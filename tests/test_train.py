@@ -1,26 +1,30 @@
-"""The training loop: exact resume, accumulation, time budget, Ctrl-C, data order, schedules."""
+"""The training loop: exact resume, accumulation, flips, time budget, Ctrl-C, clean-up on a crash,
+schedules, periodic evaluation, TensorBoard."""
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ddpm.checkpoint import list_checkpoints, load
+from ddpm.config import TrainConfig
+from ddpm.data import open_source
+from ddpm.loader import IndexStream
 from ddpm.presets import get_preset
-from ddpm.training import IndexStream, TrainingInterrupted, _ema_decay_at, _lr_at, train
-
-train_module = importlib.import_module("ddpm.training")
-
-
-def tiny(**overrides):
-    return get_preset("tiny").override(**overrides)
+from ddpm.training import _ema_decay_at, _lr_at, train
+from ddpm.unet import UNet
 
 
 def weights(run_dir, step, name="model"):
@@ -41,7 +45,27 @@ def optimizer_tensors(run_dir, step):
     return {f"{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@contextlib.contextmanager
+def network_inputs(raise_at_call=None):
+    """Record the x_t of every training forward of a U-Net (a global forward pre-hook, so the
+    network under test is the one ``train`` builds); optionally raise at call ``raise_at_call``.
+    Previews run under no_grad and are not recorded."""
+    seen = []
+
+    def hook(module, args):
+        if isinstance(module, UNet) and torch.is_grad_enabled():
+            if len(seen) == raise_at_call:
+                raise RuntimeError(f"network failed at training forward {raise_at_call}")
+            seen.append(args[0].detach().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny):
     # Dropout on, so the restored RNG state matters too.
     config = tiny(**{"model.dropout": 0.1, "train.steps": 6, "train.ckpt_every": 3})
     straight = train(config, out=tmp_path / "straight")
@@ -55,46 +79,51 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(w3[k], w6[k]) for k in w3)
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny):
     full = train(tiny(**{"train.steps": 2, "train.ckpt_every": 0}), out=tmp_path / "full")
     accum = train(tiny(**{"train.steps": 2, "train.ckpt_every": 0, "train.grad_accum": 2}), out=tmp_path / "accum")
     assert_same_tensors(weights(full, 2), weights(accum, 2), exact=False, atol=1e-6)
 
 
-def test_time_budget_stops_with_checkpoint_and_final_grid(tmp_path):
+def test_time_budget_stops_with_checkpoint_and_final_grid(tmp_path, tiny):
     run_dir = train(tiny(**{"train.steps": 1000, "train.max_minutes": 1e-9}), out=tmp_path / "r")
     assert [s for s, _ in list_checkpoints(run_dir)] == [1]
     assert (run_dir / "samples" / "final.png").is_file()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
-    real_lr_at = train_module._lr_at
+def test_hflip_mirrors_a_random_half_of_the_batch_and_nothing_without_it(tmp_path, tiny):
+    # With betas of 1e-10, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps is x0 to within 1e-4, so
+    # the network's input shows which x0 it was given: the stored image or its mirror image.
+    flat = {"diffusion.timesteps": 2, "diffusion.linear_start": 1e-10, "diffusion.linear_end": 1e-10,
+            "sample.steps": 2, "train.steps": 3, "train.ckpt_every": 0}
+    data = open_source("mnist")
 
-    def press_ctrl_c_at_step_2(config, step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(config, step)
+    def mirrored_per_item(hflip):
+        config = tiny(**flat, **{"data.hflip": hflip})
+        with network_inputs() as seen:
+            train(config, out=tmp_path / f"hflip-{hflip}")
+        stream = IndexStream(len(data), config.train.batch_size, config.train.seed)
+        mirrored = []
+        for step, x_t in enumerate(seen):
+            x0 = data.get_batch(stream.batch(step))
+            as_stored = (x_t - x0).abs().amax(dim=(1, 2, 3)) < 1e-3
+            as_mirror = (x_t - x0.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-3
+            assert torch.all(as_stored ^ as_mirror), f"step {step}: an input is neither the item nor its mirror"
+            mirrored.append(as_mirror)
+        assert len(mirrored) == 3
+        return torch.stack(mirrored)
 
-    monkeypatch.setattr(train_module, "_lr_at", press_ctrl_c_at_step_2)
-    config = tiny(**{"train.steps": 50, "train.ckpt_every": 0})
-    with pytest.raises(TrainingInterrupted) as info:
-        train(config, out=tmp_path / "r")
-    assert info.value.step == 3  # the step in flight completes, then the loop saves and stops
-    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    monkeypatch.undo()
-    train(config.override(**{"train.steps": 5}), out=tmp_path / "r", resume=True)
-    assert load(tmp_path / "r").step == 5
+    flipped = mirrored_per_item(True)
+    assert 0 < int(flipped.sum()) < flipped.numel()  # some items mirrored, some not: a coin per item
+    assert len({tuple(m.tolist()) for m in flipped}) > 1  # fresh coins every step, not a fixed pattern
+    assert not mirrored_per_item(False).any()
 
 
-def test_hflip_fast_paths_and_toy_data_train(tmp_path):
-    run_dir = train(tiny(**{"train.steps": 2, "data.hflip": True}), out=tmp_path / "flip")
-    assert load(run_dir).step == 2
+def test_fast_paths_and_toy_data_train(tmp_path, tiny):
     # channels_last weights are saved contiguous and load back into a plain model; bf16 autocast
     fast = train(tiny(**{"train.steps": 2, "train.channels_last": True, "train.amp": "bf16"}), out=tmp_path / "fast")
     run = load(fast)
     assert run.step == 2 and all(torch.isfinite(v).all() for v in run.model.state_dict().values())
-    pytest.importorskip("ddpm.mlp")
     toy = get_preset("toy2d").override(**{"train.steps": 3, "train.batch_size": 32, "train.progress": False,
                                            "train.ckpt_every": 0, "sample.num": 50, "sample.steps": 3})
     run_dir = train(toy, out=tmp_path / "toy")
@@ -102,14 +131,53 @@ def test_hflip_fast_paths_and_toy_data_train(tmp_path):
     assert run.shape == (2,) and (run_dir / "samples" / "final.png").is_file()
 
 
-def test_index_stream_is_a_sequence_of_epoch_permutations():
-    stream = IndexStream(n=10, micro_batch=4, seed=3)
-    order = torch.cat([stream.batch(j) for j in range(5)])  # 20 positions = 2 epochs
-    assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:].tolist()) == list(range(10))
-    assert not torch.equal(order[:10], order[10:])
-    # the state is only j: a fresh stream reproduces any batch (resume needs no iterator state)
-    assert torch.equal(IndexStream(10, 4, 3).batch(3), stream.batch(3))
-    assert not torch.equal(IndexStream(10, 4, 4).batch(0), stream.batch(0))
+def test_ctrl_c_in_a_real_process_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "ddpm", "train", "--preset", "tiny", "--steps", "100000", "--ckpt-every", "0",
+           "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        log, deadline = out / "log.jsonl", time.monotonic() + 120
+        while not (log.is_file() and log.read_text().strip()):  # the loop runs: its handler is installed
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no log record within 120 s"
+            time.sleep(0.05)
+        logged = json.loads(log.read_text().splitlines()[-1])["step"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    stopped = re.search(r"interrupted at step (\d+)", err)
+    assert stopped and "--resume" in err and "Traceback" not in err, err
+    step = int(stopped.group(1))
+    # the step in flight completes, then a checkpoint of exactly that step is saved (the only one)
+    assert step >= logged and [s for s, _ in list_checkpoints(out)] == [step]
+    saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    train(saved.override(**{"train.steps": step + 2}), out=out, resume=True)
+    assert load(out).step == step + 2
+
+
+def test_a_crash_inside_the_loop_closes_every_resource(tmp_path, tiny, capsys):
+    run_dir = tmp_path / "r"
+    config = tiny(**{"train.steps": 10, "train.num_workers": 2, "train.progress": True, "train.log_every": 1})
+    handler_before = signal.getsignal(signal.SIGINT)
+    with network_inputs(raise_at_call=2), pytest.raises(RuntimeError, match="training forward 2") as info:
+        train(config, out=run_dir)
+    # ``info`` still holds the traceback and with it the loop's frame, so nothing below has been
+    # closed by garbage collection: only the loop's own clean-up can have closed it.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ddpm-data") and t.is_alive()]
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert capsys.readouterr().err.endswith("\n")  # the progress bar was closed: it ended its line
+    assert len((run_dir / "log.jsonl").read_text().splitlines()) == 2  # steps 1 and 2, flushed
+    if os.path.isdir("/proc/self/fd"):  # Linux: no file under the run directory is left open
+        open_files = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not [f for f in open_files if f.startswith(str(run_dir))], open_files
 
 
 def test_lr_warmup_cosine_and_ema_warmup():
@@ -125,8 +193,6 @@ def test_lr_warmup_cosine_and_ema_warmup():
 
 
 def test_periodic_eval_runs_every_n_steps_when_asked_and_is_off_by_default(tmp_path):
-    import json
-
     base = {"train.steps": 4, "train.batch_size": 32, "train.progress": False, "train.ckpt_every": 0,
             "train.sample_every": 0, "sample.num": 16, "sample.steps": 2}
     off = train(get_preset("toy2d").override(**base), out=tmp_path / "off")
@@ -143,7 +209,7 @@ def test_periodic_eval_runs_every_n_steps_when_asked_and_is_off_by_default(tmp_p
         get_preset("toy2d").override(**{"eval.metrics": ["psnr"]})
 
 
-def test_tensorboard_scalars_match_the_jsonl_log(tmp_path):
+def test_tensorboard_scalars_match_the_jsonl_log(tmp_path, tiny):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

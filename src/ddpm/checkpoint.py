@@ -172,6 +172,27 @@ def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
     module.load_state_dict(tensors, strict=True)
 
 
+def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, *, rank: int = 0,
+                           world: int = 1) -> int:
+    """Load weights, EMA, optimizer and this rank's RNG state from a checkpoint folder; return its step."""
+    for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
+        tensors, _ = read_weights(ckpt / name)
+        load_weights_into(module, tensors, ckpt / name)
+    state = read_state(ckpt)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        ranks = state["rng"]["ranks"]
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {ckpt / 'state.pt'} does not match this model/optimizer: {exc}") from None
+    if len(ranks) == world:
+        torch.set_rng_state(ranks[rank]["cpu"])
+        if "cuda" in ranks[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ranks[rank]["cuda"])
+    else:  # a different world size: per-rank dropout streams cannot be carried over
+        torch.manual_seed(int(state["step"]) * 7919 + rank)
+    return int(state["step"])
+
+
 @dataclass
 class LoadedRun:
     """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.shape), **run.sample_kwargs)``.

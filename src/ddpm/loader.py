@@ -1,8 +1,9 @@
-"""Batches ahead of the training step: background fetching and pinned, asynchronous copies.
+"""Data order and batches ahead of the training step: background fetching and pinned copies.
 
-The trainer knows which items micro-batch ``j`` holds long before it needs them (the data order
-is a pure function of ``j``, see ``train.IndexStream``), so ``Prefetcher`` keeps the next
-``depth`` batches in flight:
+``IndexStream`` makes the data order a pure function of the micro-batch number ``j`` (so a
+resumed or multi-process run needs no iterator state). The trainer therefore knows which items
+micro-batch ``j`` holds long before it needs them, and ``Prefetcher`` keeps the next ``depth``
+batches in flight:
 
 - host side: ``fetch(indices)`` (indexing an in-memory tensor, or decoding image files for a
   ``folder:`` source) runs on ``workers`` background threads; torch indexing and PIL decoding
@@ -25,7 +26,32 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Prefetcher"]
+__all__ = ["IndexStream", "Prefetcher"]
+
+
+class IndexStream:
+    """Data order: the concatenation of per-epoch permutations of 0..N-1, cut into global
+    micro-batches. Micro-batch j (counted from the start of training) covers stream positions
+    [j*b, (j+1)*b), so the data-order state is just j and resuming needs no iterator state."""
+
+    def __init__(self, n: int, micro_batch: int, seed: int):
+        self.n, self.micro_batch, self.seed = n, micro_batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def batch(self, j: int) -> torch.Tensor:
+        pos = torch.arange(j * self.micro_batch, (j + 1) * self.micro_batch)
+        epochs, offsets = pos // self.n, pos % self.n
+        out = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            mask = epochs == e
+            out[mask] = self._permutation(e)[offsets[mask]]
+        return out
 
 
 class Prefetcher:
