@@ -3,7 +3,9 @@
 Everything here is optional: each function is the identity (or eager execution) when its fast
 path is switched off or unavailable, so callers can pass user flags straight through.
 
-- ``autocast(device, amp)``            bf16 autocast on CUDA and CPU, or a no-op for ``"off"``.
+- ``resolve_amp(requested, device)``   ``"auto"`` -> the fastest safe mode of the device: bf16, fp16 or off.
+- ``autocast(device, amp)``            bf16 or fp16 autocast on CUDA and CPU, or a no-op for ``"off"``.
+- ``make_grad_scaler(amp, device)``    a loss scaler, enabled for fp16 only.
 - ``prepare_model(model, ...)``        channels_last weights and/or ``torch.compile``, in place.
 - ``ema_update(ema, params, decay)``   one fused ``lerp_`` over all tensors (EMA of the weights).
 - ``make_optimizer(params, ...)``      Adam with the fused kernel (CUDA and CPU), else multi-tensor.
@@ -17,13 +19,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
 from torch import nn
 
-Amp = Literal["off", "bf16"]
-AMP_MODES = ("off", "bf16")
+Amp = Literal["off", "bf16", "fp16"]
+AMP_MODES = ("off", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glibc malloc.h)
@@ -54,18 +58,92 @@ def _device_type(device: str | torch.device) -> str:
 
 
 def autocast(device: str | torch.device, amp: Amp = "off") -> contextlib.AbstractContextManager:
-    """Context manager running matmuls/convolutions in bfloat16 under ``amp="bf16"``.
+    """Context manager running matmuls/convolutions in bfloat16 (``"bf16"``) or float16 (``"fp16"``).
 
-    bf16 keeps float32's exponent range, so unlike fp16 no loss scaling is needed. Parameters,
-    gradients and optimizer state stay float32; only the activations of autocast-eligible ops are
-    bf16. ``"off"`` gives a ``nullcontext``. Works for ``cuda`` and ``cpu`` (on CPUs without
-    native bf16 it is correct but slow).
+    bf16 keeps float32's exponent range, so no loss scaling is needed; fp16 has 3 more mantissa
+    bits but overflows above 65504 and flushes small gradients to zero, so training with it needs
+    ``make_grad_scaler``. It is the fast mode of GPUs without bf16 tensor cores (T4, V100).
+    Parameters, gradients and optimizer state stay float32; only the activations of
+    autocast-eligible ops are half precision. ``"off"`` gives a ``nullcontext``. Works for
+    ``cuda`` and ``cpu`` (on CPUs without native support it is correct but slow).
     """
     if amp not in AMP_MODES:
         raise ValueError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_MODES)}")
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=_device_type(device), dtype=torch.bfloat16)
+    return torch.autocast(device_type=_device_type(device), dtype=_AMP_DTYPES[amp])
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes in bf16 natively: AMX (``amx_bf16``) or AVX-512 BF16.
+
+    Elsewhere bf16 autocast on the CPU converts in software and is slower than float32. Asks
+    torch's cpuinfo (any OS) and falls back to the kernel's flags in /proc/cpuinfo (Linux);
+    the vendor alone says nothing (AMD Zen 4 has AVX-512 BF16, many Intel CPUs have neither).
+    """
+    get_capabilities = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if get_capabilities is not None:
+        try:
+            caps = get_capabilities()
+            return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+        except Exception:  # cpuinfo failed to initialise: fall back to the kernel's view
+            pass
+    return bool({"amx_bf16", "avx512_bf16"} & _proc_cpuinfo_flags())
+
+
+def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cuda_has_native_bf16(device: str | torch.device) -> bool:
+    """True for CUDA devices with bf16 tensor cores (compute capability 8.0+, or ROCm)."""
+    with torch.cuda.device(torch.device(device)):
+        try:
+            # Without emulation: a T4 "supports" bf16 tensors, but computes them slower than fp16.
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch < 2.4: no emulation to exclude
+            return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_amp(requested: str, device: str | torch.device) -> Amp:
+    """The autocast mode for ``requested`` (``"auto"`` or one of AMP_MODES) on ``device``.
+
+    ``"auto"``: bf16 on CUDA devices with bf16 tensor cores, fp16 on older CUDA devices, bf16 on
+    CPUs with native bf16 (``cpu_has_native_bf16``), float32 (``"off"``) everywhere else. An
+    explicit mode is returned as asked.
+    """
+    if requested in AMP_MODES:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"unknown amp {requested!r}; choose one of auto, {', '.join(AMP_MODES)}")
+    kind = _device_type(device)
+    if kind == "cuda":
+        return "bf16" if cuda_has_native_bf16(device) else "fp16"
+    if kind == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "off"
+    return "off"
+
+
+def make_grad_scaler(amp: Amp, device: str | torch.device) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` for ``device``, enabled only under ``amp="fp16"``.
+
+    Use it unconditionally (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``):
+    disabled, each call is a pass-through. Enabled, the loss is multiplied by a scale that keeps
+    fp16 gradients from flushing to zero; a step whose gradients hold inf/NaN is skipped and the
+    scale halved, which shows as ``get_scale()`` dropping in ``update()``. Its ``state_dict()``
+    belongs in checkpoints so that a resumed run continues with the same scale.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_MODES)}")
+    return torch.amp.GradScaler(_device_type(device), enabled=amp == "fp16")
 
 
 def prepare_model(
