@@ -4,7 +4,8 @@ For the toy data sets (two moons, Gaussian mixtures, ...): ``MLPDenoiser(config)
 points ``x`` of shape (B, dim) and timesteps ``t`` of shape (B,) to (B, dim). The timestep
 enters through the same sinusoidal embedding as the U-Net (Ho et al. 2020, Appendix B), passed
 through a two-layer MLP and added to every residual block, so the network is a 1-D analogue of
-the U-Net's conditioning without the convolutions.
+the U-Net's conditioning without the convolutions. With ``num_classes`` it is class-conditional
+the U-Net's way (a label embedding added to the time embedding; ``num_classes`` is the null label).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import batch_timesteps, timestep_embedding, timestep_frequencies
+from .unet import batch_labels, batch_timesteps, check_num_classes, timestep_embedding, timestep_frequencies
 
 
 @dataclass
@@ -27,6 +28,7 @@ class MLPConfig:
     depth: int = 4  # number of residual blocks
     time_embed_dim: int = 64
     dropout: float = 0.0
+    num_classes: int | None = None  # class-conditional with labels 0..num_classes-1 (+ the null label)
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "depth", "time_embed_dim"):
@@ -37,6 +39,7 @@ class MLPConfig:
             raise ValueError(f"MLPConfig.time_embed_dim must be even and >= 4, got {self.time_embed_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MLPConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_num_classes(self.num_classes, "MLPConfig")
 
 
 class _Block(nn.Module):
@@ -57,7 +60,8 @@ class _Block(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """``forward(x (B, dim), t (B,)) -> (B, dim)``: the eps (or x0, v) prediction for points."""
+    """``forward(x (B, dim), t (B,), labels (B,) = None) -> (B, dim)``: the eps (or x0, v) prediction
+    for points; ``labels`` only for a class-conditional config (None there is the null label)."""
 
     def __init__(self, config: MLPConfig | None = None):
         super().__init__()
@@ -67,6 +71,8 @@ class MLPDenoiser(nn.Module):
         self.register_buffer("time_freqs", timestep_frequencies(c.time_embed_dim), persistent=False)
         self.temb_dense0 = nn.Linear(c.time_embed_dim, c.hidden)
         self.temb_dense1 = nn.Linear(c.hidden, c.hidden)
+        if c.num_classes is not None:  # no new parameters for an unconditional network
+            self.label_emb = nn.Embedding(c.num_classes + 1, c.hidden)
         self.fc_in = nn.Linear(c.dim, c.hidden)
         self.blocks = nn.ModuleList(_Block(c.hidden, c.dropout) for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.hidden)
@@ -76,7 +82,12 @@ class MLPDenoiser(nn.Module):
             nn.init.zeros_(block.fc2.weight)
             nn.init.zeros_(block.fc2.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a conditional network (its null label), None if unconditional."""
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         dim = self.config.dim
         if x.dim() != 2 or x.shape[1] != dim:
             raise ValueError(f"MLPDenoiser expects x of shape (B, {dim}), got {tuple(x.shape)}")
@@ -85,7 +96,12 @@ class MLPDenoiser(nn.Module):
         if freqs.dtype != torch.float32:  # the model was cast: recompute the frequencies exactly
             freqs = timestep_frequencies(self.config.time_embed_dim).to(x.device)
         emb = timestep_embedding(t, freqs).to(self.temb_dense0.weight.dtype)
-        temb_act = F.silu(self.temb_dense1(F.silu(self.temb_dense0(emb))))
+        temb = self.temb_dense1(F.silu(self.temb_dense0(emb)))
+        if self.num_classes is not None or labels is not None:
+            # labels=None is the null label; batch_labels refuses labels for an unconditional network.
+            labels = batch_labels(labels, x.shape[0], self.num_classes, x.device, "MLPDenoiser")
+            temb = temb + self.label_emb(labels)
+        temb_act = F.silu(temb)
         h = self.fc_in(x)
         for block in self.blocks:
             h = block(h, temb_act)

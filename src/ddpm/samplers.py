@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .diffusion import PREDICTIONS, VARIANCES, check_choice, p_mean_variance, predict_eps_from_x0, x0_eps_from_output
+from .guidance import guided_model
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -217,6 +218,8 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
+    labels: torch.Tensor | int | None = None,
+    guidance: float = 1.0,
 ):
     """Draw samples of ``shape`` (B, ...) from ``model(x_t, t)``, e.g. (B, C, H, W) or (B, 2).
 
@@ -234,6 +237,11 @@ def sample(
     non-zero ``eta`` with a ValueError naming it and the sampler instead of ignoring it, while
     ``eta=0`` (no added noise, the default) is accepted by all so that a command line can pass its
     default whatever the sampler. A misspelled or unknown keyword raises TypeError.
+
+    Conditional models (``model(x_t, t, labels)`` carrying ``model.num_classes``): ``labels`` is a
+    long tensor (B,) in 0..num_classes (num_classes: the null label) or one int for all, and
+    ``guidance`` w the classifier-free guidance scale, output_null + w (output_cond - output_null)
+    (``ddpm.guidance``). Sample i depends only on its seed and its label.
     """
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("prediction", prediction, PREDICTIONS)
@@ -265,6 +273,7 @@ def sample(
             param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
+    model = guided_model(model, labels, guidance, shape[0], device)  # the model itself when unconditional
     dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
 
     # Everything the loop needs lives on the device from here on: no host round trips per step.

@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_num_classes(num_classes, who: str) -> None:
+    """Refuse a ``num_classes`` config value that is neither None nor a positive integer."""
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"{who}.num_classes must be None (unconditional) or a positive integer, got {num_classes!r}")
+
+
 @dataclass
 class UNetConfig:
     """Architecture of a :class:`UNet` (saved in checkpoints; lists are turned into tuples).
@@ -33,6 +39,8 @@ class UNetConfig:
     ``out_channels`` defaults to ``in_channels`` (twice that for a learned variance).
     ``norm_groups`` is the GroupNorm group count (32 in the paper); every channel count of the
     network must be divisible by it, so small models use fewer groups.
+    ``num_classes`` makes the network class-conditional (labels 0..num_classes-1, and
+    num_classes itself the null label of classifier-free guidance); None is unconditional.
     """
 
     in_channels: int = 3
@@ -48,6 +56,7 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-6
     mid_attn: bool = True
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -88,6 +97,7 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.norm_eps > 0:
             raise ValueError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps}")
+        check_num_classes(self.num_classes, "UNetConfig")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -133,6 +143,34 @@ def batch_timesteps(t, x: torch.Tensor, who: str) -> torch.Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"{who} expects t of shape (B,) = ({x.shape[0]},) or a scalar, got {tuple(t.shape)}")
     return t
+
+
+def batch_labels(labels, batch: int, num_classes: int | None, device, who: str) -> torch.Tensor:
+    """Class labels as a long tensor (B,) on ``device`` for a model with ``num_classes`` classes.
+
+    None means the null label ``num_classes`` (unconditional) for every sample, and a Python int or
+    0-d tensor is broadcast. A label must lie in 0..num_classes (num_classes is the null label);
+    the range is checked only on the CPU, where it costs no device synchronisation.
+    """
+    if num_classes is None:
+        raise ValueError(f"{who} is unconditional (num_classes=None) and takes no class labels")
+    if labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if isinstance(labels, bool) or not isinstance(labels, (int, torch.Tensor)):
+        raise ValueError(f"{who} expects labels as an int or an integer tensor of shape (B,), got {type(labels).__name__}")
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{who} expects integer class labels (torch.long), got dtype {labels.dtype}")
+    if labels.dim() == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"{who} expects labels of shape (B,) = ({batch},) or a scalar, got {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"class label {lo if lo < 0 else hi} out of range; labels must lie in 0..{num_classes - 1} "
+                             f"(or {num_classes}, the null label)")
+    return labels.to(device=device, dtype=torch.long)
 
 
 def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -224,7 +262,8 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The paper's U-Net. ``forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W)``."""
+    """The paper's U-Net. ``forward(x (B, C, H, W), t (B,), labels (B,) = None) -> (B, out_channels, H, W)``;
+    ``labels`` only for a class-conditional config (``num_classes``)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -243,6 +282,11 @@ class UNet(nn.Module):
         self.register_buffer("time_freqs", timestep_frequencies(ch), persistent=False)
         self.temb_dense0 = nn.Linear(ch, temb_dim)
         self.temb_dense1 = nn.Linear(temb_dim, temb_dim)
+        # Class conditioning as in improved-diffusion: a learned embedding per class, plus one for
+        # the null label, added to the time embedding. Absent for an unconditional network, whose
+        # parameters and state-dict keys are exactly those it always had.
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes + 1, temb_dim)
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         # Down path; remember the channels of every tensor pushed onto the skip stack.
@@ -294,6 +338,14 @@ class UNet(nn.Module):
         for m in zero:
             nn.init.zeros_(m.weight)
 
+        if self.num_classes is not None:
+            nn.init.normal_(self.label_emb.weight)  # nn.Embedding's own init, as improved-diffusion
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of a conditional network (its null label), None if unconditional."""
+        return self.config.num_classes
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> UNet:
         """Build a preset (``cifar10``, ``celebahq256``, ``mnist``, ``tiny``) with field overrides;
@@ -330,14 +382,19 @@ class UNet(nn.Module):
             )
         return batch_timesteps(t, x, "UNet")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = self._check_inputs(x, t)
         freqs = self.time_freqs
         if freqs.dtype != torch.float32:  # the model was cast (e.g. .to(bfloat16)): recompute exactly
             freqs = timestep_frequencies(self.config.ch).to(x.device)
         # Timestep embedding, MLP, and the SiLU every block applies before its projection.
         temb = self.temb_dense0(timestep_embedding(t, freqs).to(self.temb_dense0.weight.dtype))
-        temb_act = F.silu(self.temb_dense1(F.silu(temb)))
+        temb = self.temb_dense1(F.silu(temb))
+        if self.num_classes is not None or labels is not None:
+            # labels=None is the null label; batch_labels refuses labels for an unconditional network.
+            labels = batch_labels(labels, x.shape[0], self.num_classes, x.device, "UNet")
+            temb = temb + self.label_emb(labels)
+        temb_act = F.silu(temb)
 
         h = self.conv_in(x)
         hs = [h]
