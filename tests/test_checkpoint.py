@@ -47,7 +47,7 @@ def test_cifar10_preset_is_the_paper_recipe():
     ("diffusion.schedule", "quadratic", "linear, cosine, sqrt_linear, sqrt"),
     ("diffusion.prediction", "score", "eps, x0, v"),
     ("sample.sampler", "euler", "ddpm, ddim, dpm++2m"),
-    ("train.amp", "fp16", "auto, off, bf16"),
+    ("train.amp", "fp8", "auto, off, bf16"),
 ])
 def test_invalid_values_are_refused_with_allowed_values(key, value, needle, tiny):
     with pytest.raises((ValueError, UserError), match=needle.replace("+", r"\+")):

@@ -209,9 +209,51 @@ def test_from_diffusers_refuses_bad_weights_and_layouts():
     with pytest.raises(ValueError, match="not a UNet2DModel state dict"):
         UNet.from_diffusers({"weight": torch.zeros(1)})
     shifted = ddpm_cifar10_diffusers((32, 64, 64, 64), norm_num_groups=8)
-    shifted.register_to_config(flip_sin_to_cos=True)
-    with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
+    shifted.register_to_config(resnet_time_scale_shift="scale_shift")
+    with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift'"):
         UNet.from_diffusers(shifted)
+
+
+@pytest.mark.parametrize("flip_sin_to_cos,freq_shift", [(True, 0), (False, 0), (True, 1), (False, 3)])
+def test_from_diffusers_converts_both_sinusoidal_conventions(flip_sin_to_cos, freq_shift):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    peer = randomized(diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, downsample_padding=0, norm_eps=1e-6, norm_num_groups=8,
+        flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift))
+    ours = UNet.from_diffusers(peer).eval()
+    assert (ours.config.flip_sin_to_cos, ours.config.freq_shift) == (flip_sin_to_cos, freq_shift)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([7, 640])
+    with torch.no_grad():
+        expected = peer(x, t).sample
+        assert (ours(x, t) - expected).abs().max() < 1e-4 * expected.abs().max()
+        # The other convention gives a different function: the option is not a no-op.
+        other = UNet(replace(ours.config, flip_sin_to_cos=not flip_sin_to_cos))
+        other.load_state_dict(ours.state_dict())
+        assert (other.eval()(x, t) - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_embedding_defaults_are_the_ddpm_reference_and_old_configs_load():
+    # get_timestep_embedding of the TF reference: [sin, cos], frequencies 10000^(-i / (half - 1)).
+    t = torch.tensor([0, 5, 999])
+    half = 16
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / (half - 1))
+    ref = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    got = timestep_embedding(t, timestep_frequencies(2 * half))
+    assert (got.double() - ref).abs().max() < 1e-4
+    assert torch.equal(timestep_frequencies(2 * half), timestep_frequencies(2 * half, 1.0))
+    # A config saved before the embedding fields existed loads with the reference convention.
+    from ddpm.config import TrainConfig
+
+    d = TrainConfig(model=SMALL).to_dict()
+    del d["model"]["flip_sin_to_cos"], d["model"]["freq_shift"]
+    config = TrainConfig.from_dict(d).model
+    assert (config.flip_sin_to_cos, config.freq_shift) == (False, 1.0)
+    with pytest.raises(ValueError, match="freq_shift must be < ch / 2"):
+        replace(SMALL, freq_shift=16.0)
 
 
 def test_channels_last_and_bf16_autocast_agree_with_float32():

@@ -231,7 +231,12 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
 
     The network is rebuilt from the config stored in the weights' metadata (falling back to the
     run's ``config.json``), so a checkpoint alone is enough. ``ema`` picks the EMA weights.
+    A diffusers pipeline (or UNet2DModel) directory is converted (``ddpm.diffusers_io``).
     """
+    from .diffusers_io import is_diffusers_dir, load_diffusers
+
+    if is_diffusers_dir(path):
+        return load_diffusers(path, device=device)
     weights_path = resolve_weights_path(path, ema=ema)
     tensors, meta = read_weights(weights_path)
     config_json = meta.get("ddpm_config")

@@ -33,6 +33,11 @@ SAMPLE_EXAMPLES = """examples:
   ddpm sample runs/mnist-20250101-120000 --num 64 --out digits.png
   ddpm sample runs/c10 --num 50000 --sampler ddim --steps 100 --batch-size 500 --out samples.npz
   ddpm sample runs/c10/ckpt-0800000 --sampler ddpm --num 8 --out x.png --trajectory fig6.png
+  ddpm sample ddpm-cifar10-32 --sampler dpm++2m --steps 20 --out x.png   # a downloaded diffusers pipeline
+"""
+EXPORT_EXAMPLES = """examples:
+  ddpm export runs/c10 --format diffusers c10-diffusers   # then DDPMPipeline.from_pretrained("c10-diffusers")
+  ddpm sample c10-diffusers --num 16 --out x.png          # a diffusers pipeline directory samples like a run
 """
 SCHEDULE_EXAMPLES = """examples:
   ddpm schedules --table
@@ -176,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
                      formatter_class=fmt, epilog=QUICKSTART)
     parser.set_defaults(func=None)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES, description="Train a DDPM. Flags override the config file, which overrides the preset.")
@@ -223,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run or checkpoint", formatter_class=fmt,
                        epilog=SAMPLE_EXAMPLES, description="Draw samples (EMA weights by default) into a PNG grid or an npz.")
     s.set_defaults(func=cmd_sample)
-    s.add_argument("path", help="run directory, ckpt-NNNNNNN folder or .safetensors file")
+    s.add_argument("path", help="run directory, ckpt-NNNNNNN folder, .safetensors file or diffusers pipeline directory")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images: uint8 (N, H, W, C))")
     s.add_argument("--trajectory", help="FILE.png: predicted x0 along t for the first 8 samples (Figure 6)")
     _add_sampling_args(s, num_default=64, num_help="number of samples")
@@ -241,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate runs and samples; each command prints a summary and writes a JSON report.")
     e.set_defaults(func=lambda args: _usage(e))
     _add_eval_parsers(e, fmt)
+
+    x = sub.add_parser("export", help="write a run as a diffusers pipeline directory", formatter_class=fmt,
+                       epilog=EXPORT_EXAMPLES, description="Write a run's EMA weights and schedule in another "
+                       "library's format (diffusers: DDPMPipeline.from_pretrained(OUT) loads it).")
+    x.set_defaults(func=cmd_export)
+    x.add_argument("path", help="run directory, ckpt-NNNNNNN folder or .safetensors file")
+    x.add_argument("--format", choices=("diffusers",), default="diffusers", help="output format (default: diffusers)")
+    x.add_argument("out", help="output directory (must not exist, or be empty)")
+    x.add_argument("--no-ema", action="store_true", help="export the online weights instead of the EMA")
     return parser
 
 
@@ -328,6 +342,15 @@ def cmd_sample(args) -> int:
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
     print(f"ddpm: wrote {args.num} samples ({settings.sampler}, {settings.steps} steps, {run.path}) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .diffusers_io import export_diffusers
+
+    out = export_diffusers(args.path, args.out, ema=not args.no_ema)
+    print(f"ddpm: wrote a diffusers DDPMPipeline to {out} (DDPMPipeline.from_pretrained({str(out)!r}) loads it; "
+          f"ddpm sample {out} samples it)")
     return 0
 
 

@@ -16,7 +16,7 @@ from .unet import UNetConfig
 
 # diffusers option -> the only value this network reproduces.
 _DIFFUSERS_REQUIRED = {
-    "time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
+    "time_embedding_type": "positional", "time_embedding_dim": None,
     "downsample_padding": 0, "resnet_time_scale_shift": "default", "act_fn": "silu",
     "center_input_sample": False, "mid_block_scale_factor": 1, "class_embed_type": None,
     "num_class_embeds": None, "downsample_type": "conv", "upsample_type": "conv",
@@ -32,9 +32,14 @@ _DIFFUSERS_RENAMES = [  # (diffusers fragment, ours), applied in order
 _QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "query": 0, "key": 1, "value": 2}  # new and deprecated names
 
 
-def diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> tuple[dict, UNetConfig]:
-    if isinstance(model_or_state_dict, nn.Module):
-        sd, dc = model_or_state_dict.state_dict(), dict(model_or_state_dict.config)
+def diffusers_state_and_config(model_or_state_dict, image_size: int | None,
+                               diffusers_config: dict | None = None) -> tuple[dict, UNetConfig]:
+    """(state dict, UNetConfig) of a UNet2DModel, or of its state dict with (``diffusers_config``,
+    every key filled in: ddpm.diffusers_io reads config.json) or without its config."""
+    if isinstance(model_or_state_dict, nn.Module) or diffusers_config is not None:
+        module = isinstance(model_or_state_dict, nn.Module)
+        sd = model_or_state_dict.state_dict() if module else model_or_state_dict
+        dc = dict(diffusers_config if diffusers_config is not None else model_or_state_dict.config)
         for key, want in _DIFFUSERS_REQUIRED.items():
             if key in dc and dc[key] != want and not (key == "mid_block_scale_factor" and float(dc[key]) == 1.0):
                 raise ValueError(f"from_diffusers: {key}={dc[key]!r} is not the DDPM layout; only {want!r} works")
@@ -49,7 +54,10 @@ def diffusers_state_and_config(model_or_state_dict, image_size: int | None) -> t
         size = dc["sample_size"]
         image_size = image_size or int(size if isinstance(size, int) else size[0])
         extra = {"dropout": float(dc.get("dropout", 0.0)), "norm_groups": int(dc["norm_num_groups"]),
-                 "norm_eps": float(dc["norm_eps"]), "num_heads": heads.pop()}
+                 "norm_eps": float(dc["norm_eps"]), "num_heads": heads.pop(),
+                 # Both sinusoidal conventions (diffusers' default and the DDPM reference's) are ours too.
+                 "flip_sin_to_cos": bool(dc.get("flip_sin_to_cos", True)),
+                 "freq_shift": float(dc.get("freq_shift", 0))}  # (diffusers' defaults)
     elif isinstance(model_or_state_dict, dict):
         sd, extra = model_or_state_dict, {"dropout": 0.0}
     else:

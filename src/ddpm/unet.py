@@ -12,7 +12,8 @@ and timesteps ``t`` of shape (B,) to a tensor of shape (B, out_channels, H, W).
 Numerics follow the TF reference (and diffusers' UNet2DModel in the google/ddpm-cifar10-32
 layout, which ``UNet.from_diffusers`` converts exactly): GroupNorm eps 1e-6; the downsampling
 conv pads only right and bottom before a stride-2 "valid" 3x3 conv; the timestep embedding is
-[sin, cos] with frequencies exp(-log(10000) * i / (half - 1)).
+[sin, cos] with frequencies exp(-log(10000) * i / (half - 1)) (diffusers' flip_sin_to_cos=False,
+freq_shift=1; other conventions are config fields).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class UNetConfig:
     ``out_channels`` defaults to ``in_channels`` (twice that for a learned variance).
     ``norm_groups`` is the GroupNorm group count (32 in the paper); every channel count of the
     network must be divisible by it, so small models use fewer groups.
+    ``flip_sin_to_cos`` and ``freq_shift`` pick the timestep embedding's convention (diffusers'
+    UNet2DModel options of those names); the defaults are the DDPM reference's.
     ``num_classes`` makes the network class-conditional (labels 0..num_classes-1, and
     num_classes itself the null label of classifier-free guidance); None is unconditional.
     """
@@ -56,6 +59,8 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-6
     mid_attn: bool = True
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +102,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.norm_eps > 0:
             raise ValueError(f"UNetConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if not self.ch // 2 - self.freq_shift > 0:
+            raise ValueError(f"UNetConfig.freq_shift must be < ch / 2 = {self.ch // 2}, got {self.freq_shift}")
         check_num_classes(self.num_classes, "UNetConfig")
 
     @property
@@ -127,10 +134,13 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
-def timestep_frequencies(dim: int) -> torch.Tensor:
-    """The ``dim // 2`` frequencies of get_timestep_embedding: exp(-log(10000) * i / (half - 1))."""
+def timestep_frequencies(dim: int, freq_shift: float = 1.0) -> torch.Tensor:
+    """The ``dim // 2`` frequencies of get_timestep_embedding: exp(-log(10000) * i / (half - freq_shift)).
+
+    ``freq_shift`` is diffusers' ``freq_shift`` (``downscale_freq_shift``): 1 in the DDPM
+    reference (the last frequency is exactly 1/10000), 0 in diffusers' UNet2DModel default."""
     half = dim // 2
-    return torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    return torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - freq_shift)))
 
 
 def batch_timesteps(t, x: torch.Tensor, who: str) -> torch.Tensor:
@@ -173,10 +183,12 @@ def batch_labels(labels, batch: int, num_classes: int | None, device, who: str) 
     return labels.to(device=device, dtype=torch.long)
 
 
-def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, 2 * len(freqs)) as [sin(t f), cos(t f)], in float32."""
+def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor, flip_sin_to_cos: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, 2 * len(freqs)) as [sin(t f), cos(t f)], in float32
+    ([cos, sin] with ``flip_sin_to_cos``, diffusers' option of that name)."""
     args = t.to(torch.float32)[:, None] * freqs.to(torch.float32)[None, :]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    pair = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
+    return torch.cat(pair, dim=1)
 
 
 class ResBlock(nn.Module):
@@ -279,7 +291,7 @@ class UNet(nn.Module):
             return AttnBlock(channels, c.num_heads, g, eps)
 
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
-        self.register_buffer("time_freqs", timestep_frequencies(ch), persistent=False)
+        self.register_buffer("time_freqs", timestep_frequencies(ch, c.freq_shift), persistent=False)
         self.temb_dense0 = nn.Linear(ch, temb_dim)
         self.temb_dense1 = nn.Linear(temb_dim, temb_dim)
         # Class conditioning as in improved-diffusion: a learned embedding per class, plus one for
@@ -386,9 +398,10 @@ class UNet(nn.Module):
         t = self._check_inputs(x, t)
         freqs = self.time_freqs
         if freqs.dtype != torch.float32:  # the model was cast (e.g. .to(bfloat16)): recompute exactly
-            freqs = timestep_frequencies(self.config.ch).to(x.device)
+            freqs = timestep_frequencies(self.config.ch, self.config.freq_shift).to(x.device)
         # Timestep embedding, MLP, and the SiLU every block applies before its projection.
-        temb = self.temb_dense0(timestep_embedding(t, freqs).to(self.temb_dense0.weight.dtype))
+        emb = timestep_embedding(t, freqs, self.config.flip_sin_to_cos)
+        temb = self.temb_dense0(emb.to(self.temb_dense0.weight.dtype))
         temb = self.temb_dense1(F.silu(temb))
         if self.num_classes is not None or labels is not None:
             # labels=None is the null label; batch_labels refuses labels for an unconditional network.
