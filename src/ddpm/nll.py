@@ -21,25 +21,10 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from .diffusion import (
-    check_choice,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    p_mean_variance,
-    q_mean_variance,
-    q_posterior_mean_variance,
-    q_sample,
-)
+from .diffusion import DECODERS, VARIANCES, check_choice, normal_kl, q_mean_variance, q_sample, vlb_term
 from .schedules import NoiseSchedule
 
 Decoder = Literal["discretized", "continuous"]
-DECODERS = ("discretized", "continuous")
-
-
-def _gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    # Continuous decoder -log N(x; mean, e^log_var), for real-valued data (toy sets, tests).
-    return 0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
-
 
 def prior_kl(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x0) || N(0, I)) summed over dimensions, nats, shape (B,)."""
@@ -61,6 +46,7 @@ def vlb_terms(
     timesteps: torch.Tensor | None = None,
     decoder: Decoder = "discretized",
     generator: torch.Generator | None = None,
+    analytic=None,
 ) -> dict:
     """The terms of eq. 5 for a batch x0 (B, ...), in nats summed over dimensions.
 
@@ -68,9 +54,17 @@ def vlb_terms(
     Returns ``prior`` (B,), ``terms`` (B, K) with L_t for each requested t (the decoder L_0 where
     t = 0, a KL otherwise) and ``timesteps`` (B, K). ``decoder="discretized"`` is the paper's
     8-bit decoder and needs x0 on the 256 levels in [-1, 1]; ``"continuous"`` is a Gaussian
-    density, for real-valued data.
+    density, for real-valued data. ``variance`` is the model's sigma_t^2 (``p_mean_variance``):
+    ``learned_range`` for a model returning 2C channels, ``analytic`` with ``analytic`` an
+    ``AnalyticVariance`` estimated for the model (``ddpm.analytic_variance``).
     """
     check_choice("decoder", decoder, DECODERS)
+    check_choice("variance", variance, VARIANCES)
+    table = None
+    if variance == "analytic":
+        if analytic is None:
+            raise ValueError("variance='analytic' needs analytic=ddpm.analytic_variance(model, schedule, data)")
+        table = analytic.variances(schedule).to(x0.device)
     B, T = x0.shape[0], schedule.num_timesteps
     if timesteps is None:
         timesteps = torch.arange(T, device=x0.device)
@@ -86,19 +80,9 @@ def vlb_terms(
         t = timesteps[:, k].contiguous()
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = q_sample(schedule, x0, t, noise)
-        output = model(x_t, t)
-        mean, _, log_var, _ = p_mean_variance(
-            schedule, output, x_t, t, prediction=prediction, variance=variance, clip_denoised=clip_denoised
-        )
-        # L_t, t >= 1: KL between the true posterior (eqs. 6-7) and the model's Gaussian.
-        true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
-        kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).sum(1)
-        # L_0: the decoder -log p(x0 | x_1) (eq. 13), with the model's standard deviation as scale.
-        if decoder == "discretized":
-            nll0 = -discretized_gaussian_log_likelihood(x0.to(mean.dtype), mean, 0.5 * log_var)
-        else:
-            nll0 = _gaussian_nll(x0.to(mean.dtype), mean, log_var)
-        terms.append(torch.where(t == 0, nll0.flatten(1).sum(1), kl))
+        # L_t: a KL between the true posterior (eqs. 6-7) and the model's Gaussian, the decoder at t = 0.
+        terms.append(vlb_term(schedule, model(x_t, t), x0, x_t, t, prediction=prediction, variance=variance,
+                              clip_denoised=clip_denoised, decoder=decoder, analytic_variances=table))
     out_terms = torch.stack(terms, 1) if terms else x0.new_zeros(B, 0)
     return {"prior": prior_kl(schedule, x0), "terms": out_terms, "timesteps": timesteps}
 
@@ -144,6 +128,7 @@ def nll_bpd(
     decoder: Decoder = "discretized",
     device: str | torch.device | None = None,
     progress: bool = False,
+    analytic=None,
 ) -> dict:
     """The bound of eq. 5 in bits/dim over ``data`` (a Tensor (N, ...) or a Dataset of (C, H, W)).
 
@@ -152,7 +137,8 @@ def nll_bpd(
     (``stratified_timesteps``), unbiased, for about K/T of the cost. ``stderr`` is the standard
     error of the mean bits/dim over examples; it includes the Monte Carlo noise of both estimates.
     Returns bpd, stderr, prior_bpd, decoder_bpd, kl_bpd, per-example ``bpd_per_example``, and for
-    the full evaluation ``terms_bpd`` (T,), the mean L_t per timestep.
+    the full evaluation ``terms_bpd`` (T,), the mean L_t per timestep. ``variance`` and ``analytic``
+    as in ``vlb_terms``.
     """
     T = schedule.num_timesteps
     if device is None:  # the model's device when it has parameters, else the CPU
@@ -172,14 +158,14 @@ def nll_bpd(
         D = x0[0].numel()
         if num_timesteps is None:
             out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
-                            decoder=decoder, generator=generator)
+                            decoder=decoder, generator=generator, analytic=analytic)
             decoder_nats, kl_nats = out["terms"][:, 0], out["terms"][:, 1:].sum(1)
             per_t.append(out["terms"].double().sum(0))
         else:
             t_kl, sizes = stratified_timesteps(T, num_timesteps, x0.shape[0], generator=generator, device=device)
             t_all = torch.cat([torch.zeros_like(t_kl[:, :1]), t_kl], 1)
             out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
-                            timesteps=t_all, decoder=decoder, generator=generator)
+                            timesteps=t_all, decoder=decoder, generator=generator, analytic=analytic)
             decoder_nats = out["terms"][:, 0]
             kl_nats = (out["terms"][:, 1:].double() * sizes.double()).sum(1)
         prior = out["prior"].double()

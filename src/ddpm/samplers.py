@@ -36,7 +36,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from .diffusion import PREDICTIONS, VARIANCES, check_choice, p_mean_variance, predict_eps_from_x0, x0_eps_from_output
+from .diffusion import (PREDICTIONS, VARIANCES, check_choice, p_mean_variance, predict_eps_from_x0, respaced_schedule,
+                        split_output, x0_eps_from_output)
 from .guidance import guided_model
 from .schedules import NoiseSchedule
 
@@ -178,15 +179,6 @@ def timestep_grid(T: int, steps: int, spacing: str = "uniform", *, schedule: Noi
     return torch.from_numpy(np.array(a[::-1], dtype=np.int64))
 
 
-def _respaced_schedule(schedule: NoiseSchedule, ascending: torch.Tensor) -> NoiseSchedule:
-    """Ancestral sampling on a subsequence (improved-diffusion's respacing): new betas from abar.
-
-    beta'_i = 1 - abar[a_i] / abar[a_{i-1}], abar[a_{-1}] = 1, so q(x_{a_i} | x0) is unchanged.
-    """
-    ab = schedule.alphas_cumprod.cpu()[ascending].numpy()
-    return NoiseSchedule(1.0 - ab / np.append(1.0, ab[:-1]), name=schedule.name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +203,8 @@ def sample(
     eta: float = 0.0,
     spacing: Literal["uniform", "leading", "trailing", "quad", "logsnr"] | None = None,
     clip_denoised: bool = True,
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_small",
+    variance: Literal["fixed_small", "fixed_large", "learned_range", "analytic"] = "fixed_small",
+    analytic=None,
     prediction: Literal["eps", "x0", "v"] = "eps",
     x_T: torch.Tensor | None = None,
     generator: Generator = None,
@@ -232,9 +225,11 @@ def sample(
 
     Options. ``prediction``, ``variance`` and ``clip_denoised`` describe the model and its run (a
     run's ``sample_kwargs``), so every sampler accepts them. ``variance`` is the ancestral
-    sampler's sigma_t^2 (fixed_small = beta~_t, fixed_large = beta_t); ddim and dpm++2m, which set
-    their own noise, do not use it. ``eta`` (0..1) is DDIM's alone: the other samplers refuse a
-    non-zero ``eta`` with a ValueError naming it and the sampler instead of ignoring it, while
+    sampler's sigma_t^2 (fixed_small = beta~_t, fixed_large = beta_t, learned_range for a model
+    returning (B, 2C, ...), analytic with ``analytic`` = ``ddpm.analytic_variance(...)``; on a
+    respaced grid all are the respaced chain's); ddim and dpm++2m, which set their own noise, do
+    not use it and take the first C channels of a 2C output. ``eta`` (0..1) is DDIM's alone: the
+    other samplers refuse a non-zero ``eta`` with a ValueError naming it and the sampler instead of ignoring it, while
     ``eta=0`` (no added noise, the default) is accepted by all so that a command line can pass its
     default whatever the sampler. A misspelled or unknown keyword raises TypeError.
 
@@ -254,7 +249,7 @@ def sample(
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     run, own = _SAMPLER_FUNCTIONS[sampler]
-    options = {"eta": float(eta), "variance": variance}
+    options = {"eta": float(eta), "variance": variance, "analytic": analytic}
     for name, off in _OFF.items():
         if name not in own and options[name] != off:
             takers = ", ".join(repr(s) for s, (_, o) in _SAMPLER_FUNCTIONS.items() if name in o)
@@ -296,11 +291,18 @@ def _steps(grid: torch.Tensor, name: str, progress: bool):
     return tqdm(range(len(grid)), desc=name, total=len(grid))
 
 
-def _call(model: Model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _call(model: Model, x: torch.Tensor, t: torch.Tensor, variance: str | None = None) -> torch.Tensor:
+    """model(x, t) with its shape checked: x's, or (B, 2C, ...) for variance="learned_range".
+
+    Samplers that set their own noise pass no variance and get the prediction channels alone, of
+    either shape: a learned variance is of no use to them.
+    """
     output = model(x, t)
-    if output.shape != x.shape:
-        raise ValueError(f"model output shape {tuple(output.shape)} does not match x_t shape {tuple(x.shape)}")
-    return output
+    if variance is not None:
+        split_output(output, x.shape, variance)
+        return output
+    doubled = output.ndim == x.ndim > 1 and output.shape[1] == 2 * x.shape[1]
+    return split_output(output, x.shape, "learned_range" if doubled else "fixed_small")[0]
 
 
 def _record(traj: dict | None, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -315,30 +317,36 @@ def _record(traj: dict | None, x: torch.Tensor, x0: torch.Tensor) -> None:
 # _SAMPLER_FUNCTIONS at the end), so that sample() can refuse a value that would be ignored.
 # ---------------------------------------------------------------------------------------------
 
-def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction, variance):
+def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, prediction, variance, analytic):
     """Algorithm 2 (Ho et al. 2020) on the grid; a grid shorter than T is respaced (improved-diffusion).
 
     The posterior of the (respaced) chain is indexed by the step index i while the model is called
-    with the original timestep grid[i].
+    with the original timestep grid[i]. A learned variance interpolates between the chain's beta
+    and beta~ (as improved-diffusion's respacing does); an analytic one is the chain's optimum.
     """
     device, B = x.device, x.shape[0]
-    S, T = len(grid), schedule.num_timesteps
-    chain = schedule if S == T else _respaced_schedule(schedule, grid.flip(0))
-    chain = chain.to(device)
-    if S == 1:
+    S = len(grid)
+    chain = respaced_schedule(schedule, grid.flip(0)).to(device)  # the schedule itself when S = T
+    table = None
+    if variance == "analytic":
+        if analytic is None:
+            raise ValueError("variance='analytic' needs analytic=ddpm.analytic_variance(model, schedule, data)")
+        table = analytic.variances(schedule, grid.flip(0)).to(device)
+    step_variance = variance
+    if S == 1 and variance == "fixed_large":
         # The only step is the last (no noise): the variance is unused, and diffusion's fixed_large
         # table (beta~_1, beta_2, ...) does not exist for a one-step chain.
-        variance = "fixed_small"
+        step_variance = "fixed_small"
     model_t = grid.to(device)
     for j in _steps(grid, "ddpm", progress):
         i = S - 1 - j  # index into the (respaced) chain; 0 is the last step
         t_chain = torch.full((B,), i, dtype=torch.long, device=device)
-        output = _call(model, x, model_t[j].expand(B))
+        output = _call(model, x, model_t[j].expand(B), variance)
         # Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) except on the
         # last step (z = 0, line 3), where mu_theta = x0_pred and the loop returns x_0 (line 6).
         # mu_theta is the posterior mean at x0_pred (eq. 7), which is line 4's formula when unclipped.
-        mean, var, _, x0 = p_mean_variance(chain, output, x, t_chain, prediction=prediction, variance=variance,
-                                           clip_denoised=clip_denoised)
+        mean, var, _, x0 = p_mean_variance(chain, output, x, t_chain, prediction=prediction, variance=step_variance,
+                                           clip_denoised=clip_denoised, analytic_variances=table)
         x = mean + var.sqrt() * gaussian_noise(seeds, j + 1, x.shape, x.dtype) if i > 0 else mean
         _record(traj, x, x0)
     return x
@@ -410,7 +418,9 @@ def _dpmpp_2m(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised,
 
 
 # name -> (function, the options of sample() it takes besides the shared ones).
-_SAMPLER_FUNCTIONS = {"ddpm": (_ddpm, ("variance",)), "ddim": (_ddim, ("eta",)), "dpm++2m": (_dpmpp_2m, ())}
+_SAMPLER_FUNCTIONS = {"ddpm": (_ddpm, ("variance", "analytic")), "ddim": (_ddim, ("eta",)),
+                      "dpm++2m": (_dpmpp_2m, ())}
 # Options that only some samplers take, with the value that means "off": a sampler that does not
-# take one refuses any other value. (variance is not here: it describes the run, see sample().)
+# take one refuses any other value. (variance and analytic are not here: they describe the run,
+# see sample().)
 _OFF = {"eta": 0.0}
