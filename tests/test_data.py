@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import pickle
 import shutil
 import tarfile
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from ddpm import data, readers
-from ddpm.data import TOY_SETS, open_source, toy_log_density, toy_sample
+from ddpm.data import TOY_SETS, open_source, require_labels, toy_log_density, toy_sample
 from ddpm.errors import UserError
 
 MNIST_DIR = readers._bundled_mnist_dir()
@@ -232,7 +233,7 @@ def test_npz_layouts(tmp_path):
 
 @pytest.mark.parametrize("arrays, message", [
     ({"images": np.full((2, 4, 4, 3), 1.5, np.float32)}, "must be finite and lie in"),
-    ({"images": np.zeros((2, 3, 4, 4), np.uint8)}, "expected \\(N, H, W\\)"),
+    ({"images": np.zeros((2, 3, 5, 5), np.uint8)}, "expected \\(N, H, W\\)"),  # NCHW
     ({"images": np.zeros((2, 4, 4), np.int32)}, "dtype int32"),
     ({"a": np.zeros((2, 4, 4), np.uint8), "b": np.zeros(2)}, "name the images array 'images'"),
 ])
@@ -306,8 +307,177 @@ def test_errors_name_the_problem(tmp_path):
         open_source(f"folder:{tmp_path / 'empty'}")
     with pytest.raises(UserError, match="unknown toy set 'spiral'; choose one of gaussian_mixture"):
         open_source("toy:spiral")
-    with pytest.raises(UserError, match="channels must be 1 or 3"):
+    with pytest.raises(UserError, match="channels must be 1, 3 or 4"):
         open_source("mnist", channels=2)
     with pytest.raises(UserError, match="image_size must be a positive integer"):
         open_source("mnist", image_size=0)
 
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+def test_bundled_sets_carry_labels_and_class_names(tmp_path):
+    mnist = open_source("mnist:test")
+    assert mnist.class_names == [str(d) for d in range(10)] and require_labels(mnist) == 10
+    assert torch.equal(mnist.get_batch_labels([7, 0, 3]), mnist.labels[[7, 0, 3]])
+    _write_cifar(tmp_path / "c", (("test_batch", 3),))
+    cifar = open_source(f"cifar10:{tmp_path / 'c'}", split="test", download=False)
+    assert cifar.class_names[:3] == ["airplane", "automobile", "bird"] and cifar.class_names[-1] == "truck"
+    assert require_labels(cifar) == 10
+    toy = open_source("toy:two_moons")
+    assert toy.labels is None and toy.class_names is None
+    with pytest.raises(UserError, match=r"^data source toy:two_moons has no labels; a class-conditional run needs"):
+        toy.get_batch_labels([0])
+
+
+def test_folder_classes_are_top_level_sub_folders(tmp_path):
+    root = tmp_path / "pets"
+    for rel, value in (("dog/c.png", 200), ("cat/a.png", 100), ("cat/deep/b.png", 50)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 4), value).save(root / rel)
+    (root / "emu").mkdir()  # no images: not a class
+    source = open_source(f"folder:{root}")
+    assert source.class_names == ["cat", "dog"] and source.labels.tolist() == [0, 0, 1]
+    assert source.get_batch_labels(torch.tensor([2, 1])).tolist() == [1, 0] and require_labels(source) == 2
+    assert torch.allclose(source[2], torch.full((1, 4, 4), 200 / 127.5 - 1))
+    Image.new("L", (6, 4), 0).save(root / "loose.png")  # an image outside every class folder
+    unlabelled = open_source(f"folder:{root}")
+    assert unlabelled.labels is None and unlabelled.class_names is None and len(unlabelled) == 4
+    with pytest.raises(UserError, match=f"data source folder:{root} has no labels"):
+        require_labels(unlabelled)
+
+
+def test_npz_labels_and_class_names(tmp_path):
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.savez(tmp_path / "named.npz", images=images, labels=np.array([2, 0, 1]), class_names=np.array(["a", "b", "c"]))
+    named = open_source(f"npz:{tmp_path / 'named.npz'}")
+    assert named.labels.tolist() == [2, 0, 1] and named.labels.dtype == torch.long
+    assert named.class_names == ["a", "b", "c"] and require_labels(named) == 3
+    np.savez(tmp_path / "bare.npz", x=images, labels=np.array([1, 1, 0], np.uint8))  # images not named 'images'
+    bare = open_source(f"npz:{tmp_path / 'bare.npz'}")
+    assert bare.class_names is None and require_labels(bare) == 2 and bare.shape == (1, 4, 4)
+    assert open_source(f"npz:{tmp_path / 'bare.npz'}", image_size=2).get_batch_labels([2]).tolist() == [0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"labels": np.array([0.0, 1.0, 1.0])}, "labels must be integers, got dtype float64"),
+    ({"labels": np.array([0, 1])}, r"labels have shape \(2,\), expected \(3,\)"),
+    ({"labels": np.array([0, -1, 1])}, "labels must be >= 0, found -1"),
+    ({"class_names": np.array(["a"])}, "class_names must be a 1-D array of strings beside a 'labels' array"),
+    ({"labels": np.array([0, 2, 1]), "class_names": np.array(["a", "b"])}, "label 2 has no class name"),
+])
+def test_npz_bad_labels(tmp_path, extra, message):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((3, 4, 4), np.uint8), **extra)
+    with pytest.raises(UserError, match=message):
+        open_source(f"npz:{tmp_path / 'bad.npz'}")
+
+
+# -- channels and non-square sizes ----------------------------------------------------------------
+
+def test_four_channels_kept_added_and_dropped(tmp_path):
+    rgba = np.random.default_rng(2).integers(0, 256, (2, 5, 7, 4), dtype=np.uint8)
+    np.savez(tmp_path / "rgba.npz", images=rgba)
+    spec = f"npz:{tmp_path / 'rgba.npz'}"
+    kept = open_source(spec)
+    assert kept.shape == (4, 5, 7) and torch.equal(kept.images, torch.from_numpy(rgba.transpose(0, 3, 1, 2)))
+    assert torch.equal(open_source(spec, channels=3).images, kept.images[:, :3])  # alpha dropped
+    luma = (rgba[..., :3] * np.array([0.299, 0.587, 0.114])).sum(-1)
+    assert np.abs(open_source(spec, channels=1).images[:, 0].numpy() - luma).max() <= 0.5 + 1e-6
+    np.savez(tmp_path / "rgb.npz", images=rgba[..., :3])
+    opaque = open_source(f"npz:{tmp_path / 'rgb.npz'}", channels=4)
+    assert torch.equal(opaque.images[:, :3], kept.images[:, :3]) and (opaque.images[:, 3] == 255).all()
+    assert (open_source("mnist:test", channels=4)[0][3] == 1).all()  # float [-1, 1]: opaque is 1
+    unit = np.random.default_rng(3).random((2, 3, 3, 3)).astype(np.float32)
+    np.savez(tmp_path / "unit.npz", images=unit)
+    assert (open_source(f"npz:{tmp_path / 'unit.npz'}", channels=4).images[:, 3] == 1).all()
+
+    Image.fromarray(rgba[0]).save(tmp_path / "a.png")  # an RGBA PNG in a folder
+    folder = open_source(f"folder:{tmp_path}", channels=4)
+    assert folder.shape == (4, 5, 5)
+    assert torch.equal(folder[0], kept[0][:, :, 1:6])  # centre crop of the 7 columns
+    assert open_source(f"folder:{tmp_path}").shape == (3, 5, 5)  # default: RGB, as before
+
+
+def test_non_square_sizes_crop_and_pad(tmp_path):
+    ramp = np.broadcast_to((np.arange(20) * 10).astype(np.uint8)[None, None, :, None], (2, 10, 20, 3)).copy()
+    np.savez(tmp_path / "wide.npz", images=ramp)
+    spec = f"npz:{tmp_path / 'wide.npz'}"
+    crop = open_source(spec, image_size=(10, 12))  # height fits: only the centre 12 columns are kept
+    assert crop.shape == (3, 10, 12) and torch.equal(crop.images[0, 0, 0], torch.arange(4, 16, dtype=torch.uint8) * 10)
+    assert open_source(spec, image_size=[5, 6]).shape == (3, 5, 6)  # halved to 5 x 10, then cropped
+    assert open_source(spec, image_size=4).shape == (3, 4, 4)
+    Image.fromarray(ramp[0]).save(tmp_path / "w.png")
+    Image.fromarray(ramp[0, :, :12]).save(tmp_path / "v.png")  # mixed sizes in one folder
+    folder = open_source(f"folder:{tmp_path}", image_size=(10, 12))
+    assert folder.shape == (3, 10, 12) and torch.equal(folder[1], crop[0])  # sorted: v.png, w.png
+    assert torch.equal(folder[0][0, 0], torch.arange(0, 12, dtype=torch.float32) * 10 / 127.5 - 1)
+    plain, padded = open_source("mnist:test"), open_source("mnist:test", image_size=(28, 32))
+    assert padded.shape == (1, 28, 32) and torch.equal(padded[3][:, :, 2:30], plain[3])
+    for bad in ((0, 3), (3,), (2, 3, 4), 2.5):
+        with pytest.raises(UserError, match="image_size must be a positive integer or a pair"):
+            open_source(spec, image_size=bad)
+
+
+def test_unet_takes_height_and_width_and_int_configs_stay_as_they_were():
+    from dataclasses import replace
+
+    from ddpm.checkpoint import item_shape
+    from ddpm.config import TrainConfig
+    from ddpm.unet import UNet, UNetConfig
+
+    square = UNetConfig(in_channels=3, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                        dropout=0.0, norm_groups=4)
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 50])
+    nets = []
+    for config in (square, replace(square, image_size=(8, 8))):
+        torch.manual_seed(0)
+        nets.append(UNet(config).eval())
+        for p in nets[-1].parameters():  # zero-initialised layers would hide a difference
+            p.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        assert torch.equal(nets[0](x, t), nets[1](x, t))
+    assert json.loads(TrainConfig(model=square).to_json())["model"]["image_size"] == 8  # an int stays an int
+    wide = replace(square, image_size=[8, 16])
+    saved = json.loads(TrainConfig(model=wide).to_json())
+    assert saved["model"]["image_size"] == [8, 16] and TrainConfig.from_dict(saved).model == wide
+    assert wide.hw == (8, 16) and wide.resolutions == (8, 4) and item_shape(TrainConfig(model=wide)) == (3, 8, 16)
+    net = UNet(wide)
+    assert len(net.down[1].attn) == 1  # attention at the level whose shorter side is 4: (4, 8)
+    assert net(torch.randn(2, 3, 8, 16), t).shape == (2, 3, 8, 16)
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, 3, 8, 16\)"):
+        net(x, t)
+    with pytest.raises(ValueError, match=r"image_size=\(8, 10\) must be divisible by 2\*\*\(len\(ch_mult\)-1\)=4"):
+        replace(square, image_size=(8, 10), ch_mult=(1, 2, 2))
+
+
+def test_train_and_sample_non_square_rgba_and_rgb_end_to_end(tmp_path, capsys):
+    from ddpm import load
+    from ddpm.cli import main
+
+    rng = np.random.default_rng(4)
+    icons = tmp_path / "icons"
+    for k, cls in enumerate(("b", "a")):
+        (icons / cls).mkdir(parents=True)
+        for i in range(3):  # mixed sizes, resized and cropped to 8 x 16
+            Image.fromarray(rng.integers(0, 256, (10 + 4 * i, 20 + 2 * i, 4), dtype=np.uint8)).save(icons / cls / f"{i}.png")
+    run = tmp_path / "rgba"
+    argv = ["train", "--preset", "tiny", "--no-progress", "--steps", "3", "--out", str(run)]
+    assert main([*argv, "--data", f"folder:{icons}", "--image-size", "8x16", "--channels", "4"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["image_size"] == config["data"]["image_size"] == [8, 16]
+    assert config["model"]["in_channels"] == config["model"]["out_channels"] == config["data"]["channels"] == 4
+    with Image.open(run / "samples" / "final.png") as preview:
+        assert preview.mode == "RGBA"
+    assert main(["sample", str(run), "--num", "3", "--steps", "2", "--out", str(tmp_path / "rgba.npz")]) == 0
+    assert np.load(tmp_path / "rgba.npz")["images"].shape == (3, 8, 16, 4)
+
+    np.savez(tmp_path / "tall.npz", images=rng.integers(0, 256, (6, 16, 12, 3), dtype=np.uint8))
+    run = tmp_path / "rgb"
+    argv[-1] = str(run)
+    assert main([*argv, "--data", f"npz:{tmp_path / 'tall.npz'}", "--image-size", "12x8", "--channels", "3"]) == 0
+    assert load(run).shape == (3, 12, 8)
+    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "rgb.npz")]) == 0
+    assert np.load(tmp_path / "rgb.npz")["images"].shape == (2, 12, 8, 3)
+    capsys.readouterr()
+    assert main([*argv, "--image-size", "12x"]) == 2
+    assert "expected S or HxW (positive integers), got '12x'" in capsys.readouterr().err

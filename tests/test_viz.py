@@ -27,12 +27,12 @@ def test_to_uint8_exact_mapping_and_round_trip():
     assert to_uint8(np.zeros((3, 4, 5), np.float32)).shape == (4, 5, 3)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels", [1, 3, 4])
 def test_save_grid_size_and_pixels(tmp_path, channels):
     images = torch.rand(5, channels, 8, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     path = save_grid(images, tmp_path / "out" / "grid.png", nrow=3)
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == ("L" if channels == 1 else "RGB")
+        assert im.format == "PNG" and im.mode == {1: "L", 3: "RGB", 4: "RGBA"}[channels]
         # 3 columns, 2 rows, 2 px of padding around and between tiles.
         assert im.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)
         pixels = np.asarray(im).reshape(im.size[1], im.size[0], channels)
@@ -41,6 +41,8 @@ def test_save_grid_size_and_pixels(tmp_path, channels):
         top, left = 2 + (i // 3) * 10, 2 + (i % 3) * 8
         assert np.array_equal(pixels[top:top + 8, left:left + 6], tiles[i])
     assert (pixels[0] == 0).all() and (pixels[-11:, -8:] == 0).all()  # padding and empty 6th tile
+    with pytest.raises(ValueError, match="1, 3 or 4"):
+        save_grid(images[:, :1].expand(-1, 2, -1, -1), tmp_path / "two.png")
 
 
 def test_trajectory_strip_rows_are_samples_columns_decreasing_t(tmp_path):

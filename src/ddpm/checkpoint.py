@@ -262,7 +262,7 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
 def item_shape(config: TrainConfig) -> tuple[int, ...]:
     m = config.model
     if hasattr(m, "image_size"):
-        return (m.in_channels, m.image_size, m.image_size)
+        return (m.in_channels, *m.hw)  # (C, H, W); hw is (S, S) for an int image_size
     return (m.dim,)
 
 

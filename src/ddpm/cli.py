@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ TRAIN_EXAMPLES = """examples:
   ddpm train --out runs/cifar10 --resume       # continue from the latest checkpoint
   ddpm train --config my.toml --lr 1e-4 --set train.ema_decay=0.999
   torchrun --nproc_per_node 8 -m ddpm train --preset cifar10 --data cifar10:~/data/cifar10 --out runs/c10
+  ddpm train --preset tiny --data folder:~/icons --image-size 24x40 --channels 4   # RGBA, non-square
+  ddpm train --preset cifar10 --data hf:~/my-saved-dataset:train --image-column img
+  ddpm report runs/c10                         # RUN/report.html: loss, lr, previews, metrics, config
 """
 QUICKSTART = """examples:
   ddpm train                                   # about 15 minutes on a laptop CPU: digits in runs/mnist-DATE/samples
@@ -78,6 +82,15 @@ def _positive(text: str) -> int:
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _image_size(text: str):
+    """--image-size: S (square) or HxW (height x width), positive integers."""
+    parts = text.lower().replace(",", "x").split("x")
+    values = [int(p) for p in parts if p.strip().isdigit()]
+    if len(values) != len(parts) or len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or HxW (positive integers), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -181,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
                      formatter_class=fmt, epilog=QUICKSTART)
     parser.set_defaults(func=None)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export,report}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES, description="Train a DDPM. Flags override the config file, which overrides the preset.")
     t.set_defaults(func=cmd_train)
     t.add_argument("--preset", choices=PRESETS, help="base configuration (default: mnist, or the run's own when resuming)")
     t.add_argument("--config", help="TOML/YAML/JSON file with sections model, diffusion, optim, train, data, sample")
-    t.add_argument("--data", help="data source: mnist, cifar10:DIR, folder:DIR, npz:FILE, toy:NAME")
+    t.add_argument("--data", help="data source: mnist, cifar10:DIR, folder:DIR, npz:FILE, hf:PATH_OR_NAME[:SPLIT], toy:NAME")
     t.add_argument("--out", help="run directory (default: runs/PRESET-YYYYMMDD-HHMMSS)")
     t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     flags = [  # (flag, dotted config key, type, help)
@@ -210,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-minutes", "train.max_minutes", float, "stop and save after this many minutes"),
         ("--amp", "train.amp", str, "mixed precision: auto (bf16 on CUDA), off, bf16"),
         ("--device", "train.device", str, "auto, cpu, cuda"),
-        ("--image-size", "data.image_size", int, "resize images of the data source"),
+        ("--image-size", "data.image_size", _image_size, "S or HxW: resize and centre-crop the data's images; "
+         "the U-Net is sized to match"),
+        ("--channels", "data.channels", int, "1, 3 or 4 (RGBA): convert the data's images; the U-Net is sized to match"),
+        ("--image-column", "data.image_column", str, "hf: sources: the image column (default: the first Image feature)"),
+        ("--label-column", "data.label_column", str, "hf: sources: the label column (default: detected)"),
         ("--num-workers", "train.num_workers", int, "threads fetching batches ahead (0 = in the training thread)"),
         ("--eval-every", "eval.every", int, "evaluate the EMA model every N steps (0 = off; see eval.* keys)"),
     ]
@@ -255,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("diffusers",), default="diffusers", help="output format (default: diffusers)")
     x.add_argument("out", help="output directory (must not exist, or be empty)")
     x.add_argument("--no-ema", action="store_true", help="export the online weights instead of the EMA")
+
+    r = sub.add_parser("report", help="write RUN/report.html: loss, lr, previews, metrics, config",
+                       formatter_class=fmt, epilog="examples:\n  ddpm report runs/mnist-20250101-120000\n",
+                       description="Write a self-contained HTML page (plots as SVG, images embedded) of a run: "
+                       "training loss and learning rate, preview grids over time, periodic evaluation, config. "
+                       "Training writes it at the end of every run.")
+    r.set_defaults(func=cmd_report)
+    r.add_argument("run", help="run directory")
+    r.add_argument("--out", help="HTML file (default: RUN/report.html)")
     return parser
 
 
@@ -287,6 +313,25 @@ def load_run(path: str, args):
     return load(path, ema=not args.no_ema, device=device), device
 
 
+def _size_model_to_data(config, overrides: dict):
+    """--image-size and --channels size a U-Net to the data (attention kept at the same levels,
+    out_channels following in_channels), unless model.image_size/model.in_channels are set too."""
+    from .config import model_type
+    from .unet import attn_at_same_levels
+
+    m, sized = config.model, {}
+    if model_type(m) != "unet":
+        return config
+    if "data.image_size" in overrides and "model.image_size" not in overrides:
+        size = config.data.image_size
+        sized.update({"model.image_size": size, "model.attn_resolutions": attn_at_same_levels(m, size)})
+    if "data.channels" in overrides and "model.in_channels" not in overrides:
+        c = config.data.channels
+        # A learned variance doubles the output channels (ddpm.diffusion: eps and v).
+        sized.update({"model.in_channels": c, "model.out_channels": c * (m.out_channels // m.in_channels)})
+    return config.override(**sized) if sized else config
+
+
 def cmd_train(args) -> int:
     from .config import TrainConfig, read_config_file
     from .presets import resolve_config
@@ -307,10 +352,25 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_dict(read_config_file(saved)).override(**overrides)
     else:
         config = resolve_config(args.preset, args.config, **overrides)
+    config = _size_model_to_data(config, overrides)
     run_dir = train(config, out=args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the run's files
+        _write_run_report(run_dir)
     print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
           f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
     return 0
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """RUN/report.html at the end of a run; a failure here must not turn a finished run into an error."""
+    from .report import write_report
+
+    try:
+        print(f"ddpm: report: {write_report(run_dir)}")
+    except Exception as exc:  # the weights and logs are saved; the report can be redone with `ddpm report`
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"ddpm: warning: could not write the report ({lines[0]}); retry with: ddpm report {run_dir}",
+              file=sys.stderr)
 
 
 def cmd_sample(args) -> int:
@@ -351,6 +411,13 @@ def cmd_export(args) -> int:
     out = export_diffusers(args.path, args.out, ema=not args.no_ema)
     print(f"ddpm: wrote a diffusers DDPMPipeline to {out} (DDPMPipeline.from_pretrained({str(out)!r}) loads it; "
           f"ddpm sample {out} samples it)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"ddpm: wrote {write_report(args.run, args.out)}")
     return 0
 
 

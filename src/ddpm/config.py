@@ -13,7 +13,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from .accel import AMP_MODES
 from .diffusion import PREDICTIONS, VARIANCES, WEIGHTINGS
@@ -142,13 +142,18 @@ class DataConfig:
 
     source: str = "mnist"
     hflip: bool = False  # random horizontal flip (the paper's CIFAR-10 augmentation)
-    image_size: Optional[int] = None  # resize folder/npz images; None keeps the source size
-    channels: Optional[int] = None
+    image_size: Union[int, tuple, None] = None  # S or (H, W): resize and centre-crop; None keeps the source size
+    channels: Optional[int] = None  # 1, 3 or 4 (RGBA); None keeps the source's
+    image_column: Optional[str] = None  # hf: sources: default the first Image feature
+    label_column: Optional[str] = None  # hf: sources: default a ClassLabel named label, labels, class, ...
 
     def __post_init__(self):
         _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
-        _require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
-        _require(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        if self.image_size is not None:
+            from .unet import image_hw
+
+            image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
+        _require(self.channels in (None, 1, 3, 4), f"channels must be 1, 3 or 4, got {self.channels}")
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["load_mnist", "load_cifar10", "MNIST_FILES", "CIFAR10_URL", "CIFAR10_MD5", "DOWNLOAD_ENV"]
+__all__ = ["load_mnist", "load_cifar10", "MNIST_FILES", "MNIST_CLASSES", "CIFAR10_URL", "CIFAR10_MD5",
+           "CIFAR10_CLASSES", "DOWNLOAD_ENV"]
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -33,6 +34,9 @@ MNIST_FILES = {
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_DIRNAME = "cifar-10-batches-py"
+# The names of labels 0..9, in the order of the data sets' own label files (CIFAR-10: batches.meta).
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Set DDPM_DOWNLOAD=0 to never touch the network (the tests do, through ``download=False``).
 DOWNLOAD_ENV = "DDPM_DOWNLOAD"
 

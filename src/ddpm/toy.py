@@ -119,7 +119,7 @@ class ToySource(Dataset):
         self.points = toy_sample(toy_name, self.SIZE, generator)
         self.toy_name = toy_name
         self.name = f"toy:{toy_name}"
-        self.labels = None
+        self.labels = self.class_names = None  # unlabelled, as every source without classes
 
     def __len__(self) -> int:
         return self.points.shape[0]
@@ -129,6 +129,12 @@ class ToySource(Dataset):
 
     def get_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         return self.points[torch.as_tensor(indices, dtype=torch.long)]
+
+    def get_batch_labels(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """As every source's; a toy set has no labels, so this raises the one-line UserError."""
+        from .data import require_labels
+
+        require_labels(self)
 
     def __repr__(self) -> str:
         return f"ToySource({self.name!r}, n={len(self)})"

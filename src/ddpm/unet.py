@@ -19,11 +19,23 @@ freq_shift=1; other conventions are config fields).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def image_hw(size) -> tuple[int, int]:
+    """An ``image_size`` as (H, W): an int S is the square (S, S), a 2-sequence is (H, W) as given.
+
+    Raises ValueError for anything else (a bool, a non-positive or non-integer value, a wrong length).
+    """
+    pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pair):
+        raise ValueError(f"image_size must be a positive integer or a pair (H, W) of them, got {size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def check_num_classes(num_classes, who: str) -> None:
@@ -48,7 +60,7 @@ class UNetConfig:
 
     in_channels: int = 3
     out_channels: int | None = None
-    image_size: int = 32
+    image_size: int | tuple[int, int] = 32  # S (square) or (H, W)
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
@@ -68,7 +80,14 @@ class UNetConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        for name in ("in_channels", "out_channels", "image_size", "ch", "num_res_blocks", "num_heads", "norm_groups"):
+        if isinstance(self.image_size, (tuple, list)):
+            self.image_size = tuple(self.image_size)  # kept as given (JSON gives a list back)
+        try:
+            image_hw(self.image_size)
+        except ValueError:
+            raise ValueError(f"UNetConfig.image_size must be a positive integer or a pair (H, W) of them, "
+                             f"got {self.image_size!r}") from None
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "num_heads", "norm_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
@@ -77,7 +96,7 @@ class UNetConfig:
         if self.ch % 2 or self.ch < 4:
             raise ValueError(f"UNetConfig.ch must be even and >= 4 (sinusoidal embedding of size ch), got {self.ch}")
         factor = 2 ** (len(self.ch_mult) - 1)
-        if self.image_size % factor:
+        if any(side % factor for side in self.hw):
             raise ValueError(
                 f"UNetConfig.image_size={self.image_size} must be divisible by 2**(len(ch_mult)-1)={factor} "
                 f"(ch_mult={self.ch_mult} downsamples {len(self.ch_mult) - 1} times)"
@@ -107,9 +126,15 @@ class UNetConfig:
         check_num_classes(self.num_classes, "UNetConfig")
 
     @property
+    def hw(self) -> tuple[int, int]:
+        """The input's (H, W): (S, S) for an int ``image_size``."""
+        return image_hw(self.image_size)
+
+    @property
     def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size of each level, from the input down."""
-        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+        """Feature-map size of each level, from the input down; for a non-square (H, W) input the
+        shorter side, which is what ``attn_resolutions`` entries are matched against."""
+        return tuple(min(self.hw) // 2**i for i in range(len(self.ch_mult)))
 
 
 # The networks of the run presets of the same name (``ddpm.presets``), and the paper's 256x256 one.
@@ -388,10 +413,9 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x: torch.Tensor, t) -> torch.Tensor:
         c = self.config
-        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] != c.image_size or x.shape[3] != c.image_size:
-            raise ValueError(
-                f"UNet expects x of shape (B, {c.in_channels}, {c.image_size}, {c.image_size}), got {tuple(x.shape)}"
-            )
+        h, w = c.hw
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] != h or x.shape[3] != w:
+            raise ValueError(f"UNet expects x of shape (B, {c.in_channels}, {h}, {w}), got {tuple(x.shape)}")
         return batch_timesteps(t, x, "UNet")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -438,6 +462,13 @@ class UNet(nn.Module):
         return h.to(x.dtype)
 
 
+def attn_at_same_levels(config: UNetConfig, image_size) -> tuple[int, ...]:
+    """``config.attn_resolutions`` moved to the same levels of the network for inputs of ``image_size``
+    (S or (H, W)): ``cifar10`` attends at 16x16 of 32x32 inputs, at 32x32 of 64x64 ones."""
+    levels = [int(math.log2(min(config.hw) // r)) for r in config.attn_resolutions]
+    return tuple(min(image_hw(image_size)) // 2**lv for lv in levels)
+
+
 def preset_config(name: str, **overrides) -> UNetConfig:
     """The :data:`PRESETS` entry ``name`` with fields replaced by ``overrides`` (validated)."""
     if name not in PRESETS:
@@ -448,9 +479,7 @@ def preset_config(name: str, **overrides) -> UNetConfig:
     if unknown:
         raise ValueError(f"unknown UNetConfig fields {unknown}; allowed: {sorted(known)}")
     if "image_size" in overrides and "attn_resolutions" not in overrides:
-        # Keep attention at the same levels of the new size.
-        levels = [int(math.log2(base.image_size // r)) for r in base.attn_resolutions]
-        overrides["attn_resolutions"] = tuple(int(overrides["image_size"]) // 2**lv for lv in levels)
+        overrides["attn_resolutions"] = attn_at_same_levels(base, overrides["image_size"])
     if "in_channels" in overrides and "out_channels" not in overrides:
         overrides["out_channels"] = None  # follow in_channels
     return replace(base, **overrides)

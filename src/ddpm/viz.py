@@ -55,8 +55,8 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: int 
     if tiles.ndim != 4 or tiles.shape[0] == 0:
         raise ValueError(f"need a non-empty batch (B, C, H, W), got shape {tuple(np.shape(images))}")
     b, h, w, c = tiles.shape
-    if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {c}")
+    if c not in (1, 3, 4):
+        raise ValueError(f"images must have 1, 3 or 4 (RGBA) channels, got {c}")
     ncol = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / ncol)
     grid = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c),
@@ -77,7 +77,8 @@ def _save_array(array: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def save_grid(images, path: str | os.PathLike, nrow: int | None = None, padding: int = 2) -> Path:
-    """Save (B, C, H, W) images in [-1, 1] as one grid image (PNG by suffix); grey for C == 1."""
+    """Save (B, C, H, W) images in [-1, 1] as one grid image (PNG by suffix); grey for C == 1,
+    RGBA for C == 4."""
     return _save_array(make_grid(images, nrow=nrow, padding=padding), path)
 
 
