@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog="examples:\n  ddpm report runs/mnist-20250101-120000\n",
                        description="Write a self-contained HTML page (plots as SVG, images embedded) of a run: "
                        "training loss and learning rate, preview grids over time, periodic evaluation, config. "
-                       "Training writes it at the end of every run.")
+                       "`ddpm train` writes it at the end of every run.")
     r.set_defaults(func=cmd_report)
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")

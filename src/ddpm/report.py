@@ -5,7 +5,7 @@ a browser (no network, no scripts): the training loss (raw and smoothed), learni
 gradient norm against the step from ``log.jsonl``; the preview grids ``samples/*.png`` in step
 order, embedded as base64 data URIs; the metrics of ``eval/periodic.jsonl`` over the steps, when
 there are any; and the resolved ``config.json``. Plots are inline SVG drawn here (no matplotlib).
-Training writes the report at the end of a run; ``ddpm report RUN`` writes it on demand.
+``ddpm train`` writes the report at the end of a run; ``ddpm report RUN`` writes it on demand.
 """
 
 from __future__ import annotations
