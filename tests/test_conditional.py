@@ -274,9 +274,11 @@ def test_conditional_mlp_samples_with_guidance():
 
 def test_public_names_are_the_functions():
     # A submodule named like its function would shadow it once imported (ddpm.train was renamed
-    # ddpm.training for that reason): the modules are guidance, inversion, interpolation.
+    # ddpm.training for that reason): the modules are guidance, inpainting, inversion, interpolation.
     import ddpm
+    from ddpm.inpainting import inpaint
     from ddpm.interpolation import interpolate
     from ddpm.inversion import invert
 
-    assert (ddpm.invert, ddpm.interpolate, ddpm.guided_model) == (invert, interpolate, guided_model)
+    assert (ddpm.inpaint, ddpm.invert, ddpm.interpolate, ddpm.guided_model) == (inpaint, invert, interpolate,
+                                                                                guided_model)

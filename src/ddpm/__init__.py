@@ -45,6 +45,7 @@ _EXPORTS = {
     "per_sample_seeds": "samplers",
     "gaussian_noise": "samplers",
     "guided_model": "guidance",
+    "inpaint": "inpainting",
     "invert": "inversion",
     "interpolate": "interpolation",
     "UNet": "unet",

@@ -374,7 +374,6 @@ class UNet(nn.Module):
         zero += [m.proj_out for m in self.modules() if isinstance(m, AttnBlock)]
         for m in zero:
             nn.init.zeros_(m.weight)
-
         if self.num_classes is not None:
             nn.init.normal_(self.label_emb.weight)  # nn.Embedding's own init, as improved-diffusion
 
