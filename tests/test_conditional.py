@@ -145,6 +145,26 @@ def test_learned_variance_channels_come_from_the_conditional_half():
     torch.testing.assert_close(out[:, 3:], torch.tensor([10.0, 20.0]).view(2, 1, 1, 1).expand(2, 3, 2, 2))
 
 
+def test_guided_learned_variance_through_the_ancestral_sampler(setup):
+    schedule, gmm, _ = setup
+    oracle = ConditionalOracle(gmm, schedule)
+    labels, w = torch.tensor([0, 3, 8]), 2.0
+
+    def model(x, t, lab):  # learned variance: v = +0.5 for class 3, -0.5 otherwise
+        v = torch.where(lab == 3, 0.5, -0.5).to(x.dtype)[:, None].expand_as(x)
+        return torch.cat([oracle(x, t, lab), v], dim=1)
+
+    model.num_classes = K
+
+    def by_hand(x, t):
+        e_null = oracle(x, t, torch.full((3,), K))
+        return torch.cat([e_null + w * (oracle(x, t, labels) - e_null), model(x, t, labels)[:, 2:]], dim=1)
+
+    kw = dict(steps=10, variance="learned_range", clip_denoised=False, generator=4)
+    torch.testing.assert_close(sample(model, schedule, (3, 2), labels=labels, guidance=w, **kw),
+                               sample(by_hand, schedule, (3, 2), **kw), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("sampler,guidance", [("ddpm", 2.0), ("ddim", 3.0), ("dpm++2m", 1.0)])
 def test_sample_depends_only_on_its_seed_and_label(setup, sampler, guidance):
     schedule, gmm, _ = setup
