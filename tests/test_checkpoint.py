@@ -147,7 +147,7 @@ def test_incomplete_checkpoint_folder_is_ignored(run4, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate"])
-def test_corrupt_checkpoint_is_a_user_error_naming_the_file(run4, tmp_path, damage):
+def test_corrupt_checkpoint_is_a_user_error_naming_the_file(run4, tmp_path, damage, capsys):
     import shutil
 
     copy = tmp_path / "copy"
@@ -155,9 +155,13 @@ def test_corrupt_checkpoint_is_a_user_error_naming_the_file(run4, tmp_path, dama
     target = copy / "ckpt-0000004" / "ema.safetensors"
     data = target.read_bytes()
     target.write_bytes(b"\x00not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(UserError, match="ema.safetensors"):  # named explicitly: refused
+        load(copy / "ckpt-0000004")
+    assert load(copy).step == 2  # the run: its newest intact checkpoint, said on stderr
+    assert "ckpt-0000004 is damaged (ema.safetensors" in capsys.readouterr().err
+    (copy / "ckpt-0000004" / "manifest.json").unlink()  # as written before manifests: still caught by the parser
     with pytest.raises(UserError, match="ema.safetensors"):
-        load(copy)
-    assert load(copy / "ckpt-0000002").step == 2  # earlier checkpoint untouched
+        load(copy / "ckpt-0000004")
     (copy / "ckpt-0000004" / "state.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="state.pt"):
         checkpoint.read_state(copy / "ckpt-0000004")

@@ -51,3 +51,42 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         (single / "log.jsonl").read_text().splitlines())
     state = torch.load(tmp_path / "ddp" / ckpt / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["ranks"]) == 2
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    import json
+    import re
+    import signal
+    import time
+
+    from ddpm.checkpoint import list_checkpoints
+
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
+           "--steps", "100000", "--ckpt-every", "0", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        log, deadline = out / "log.jsonl", time.monotonic() + 240
+        while not (log.is_file() and log.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no log record within 240 s"
+            time.sleep(0.1)
+        logged = json.loads(log.read_text().splitlines()[-1])["step"]
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # each rank says where it stopped: the same step, and rank 0 saved exactly that one
+    steps = {int(s) for s in re.findall(r"interrupted by SIGTERM at step (\d+); checkpoint saved", err)}
+    assert len(re.findall(r"interrupted by SIGTERM", err)) == 2 and len(steps) == 1, err[-3000:]
+    step = steps.pop()
+    assert step >= logged and [s for s, _ in list_checkpoints(out)] == [step]
+    state = torch.load(out / f"ckpt-{step:07d}" / "state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]["ranks"]) == 2

@@ -221,3 +221,43 @@ def test_tensorboard_scalars_match_the_jsonl_log(tmp_path, tiny):
         logged = events.Scalars(f"train/{key}")
         assert [e.step for e in logged] == [r["step"] for r in records] == [2, 4, 6]
         assert [e.value for e in logged] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+def _scaler(**kwargs):
+    """accel.make_grad_scaler with GradScaler options (enabled for fp16, as the original)."""
+    def make(amp, device):
+        return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16", **kwargs)
+    return make
+
+
+def test_fp16_resume_restores_the_loss_scale_bit_for_bit(tmp_path, tiny, monkeypatch):
+    # growth every step: the scale at the resume point differs from a fresh scaler's
+    monkeypatch.setattr("ddpm.accel.make_grad_scaler", _scaler(growth_interval=1))
+    config = tiny(**{"train.amp": "fp16", "train.steps": 6, "train.ckpt_every": 3})
+    straight = train(config, out=tmp_path / "straight")
+    train(config.override(**{"train.steps": 3}), out=tmp_path / "split")
+    split = train(config, out=tmp_path / "split", resume=True)
+    saved = torch.load(split / "ckpt-0000003" / "state.pt", weights_only=True)["grad_scaler"]
+    assert saved["scale"] != 65536.0  # grown (and halved after overflows): not a fresh scaler's
+    for name in ("model", "ema"):
+        assert_same_tensors(weights(straight, 6, name), weights(split, 6, name))
+    assert torch.load(split / "ckpt-0000006" / "state.pt", weights_only=True)["grad_scaler"] == \
+        torch.load(straight / "ckpt-0000006" / "state.pt", weights_only=True)["grad_scaler"]
+
+
+def test_fp16_overflow_skips_are_logged_and_are_not_divergence(tmp_path, tiny, monkeypatch):
+    # a scale of 2^40 overflows fp16 gradients until the scaler has halved it far enough
+    monkeypatch.setattr("ddpm.accel.make_grad_scaler", _scaler(init_scale=2.0**40))
+    config = tiny(**{"train.amp": "fp16", "train.steps": 30, "train.log_every": 1, "train.ckpt_every": 0,
+                     "train.max_nonfinite": 1})
+    run_dir = train(config, out=tmp_path / "r")  # no TrainingDiverged although max_nonfinite is 1
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    overflow = [r["skipped_overflow"] for r in records]
+    assert overflow[0] == 1 and 0 < sum(overflow) < 30 and overflow[-1] == 0
+    assert all(r["skipped_nonfinite"] == 0 and r["loss"] > 0 for r in records)
+    scales = [r["loss_scale"] for r in records]
+    assert scales[0] == 2.0**39 and scales[-1] == 2.0**40 / 2**sum(overflow)  # halved once per overflow
+    state = torch.load(run_dir / "ckpt-0000030" / "state.pt", weights_only=True)
+    assert state["grad_scaler"]["scale"] == scales[-1]
+    # only the applied steps moved Adam
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {30.0 - sum(overflow)}

@@ -1,79 +1,55 @@
-"""Run directories, atomic checkpoints and loading a trained model back.
+"""Run directories, atomic verified checkpoints and loading a trained model back.
 
 Layout of a run directory::
 
     RUN/config.json                 resolved TrainConfig
     RUN/log.jsonl                   one JSON object per log interval
+    RUN/.lock                       held (flock) by the training process writing the run
     RUN/samples/step-0001000.png    previews from the EMA model
     RUN/ckpt-0001000/               one complete checkpoint per saved step (keep-last-K)
         model.safetensors           online weights   } config JSON in the safetensors metadata,
         ema.safetensors             EMA weights      } so either file alone rebuilds its network
         state.pt                    optimizer, step, RNG and data-order state (torch.load(weights_only=True))
+        manifest.json               size and SHA-256 of the three files above
 
-A checkpoint is written into a hidden temporary folder in RUN, every file flushed and fsync'ed,
-then the folder is renamed into place with ``os.replace`` (atomic on POSIX) and RUN is fsync'ed.
-A kill at any moment leaves either the previous checkpoints or the new one, never half a one;
-leftover temporary folders are ignored and swept at the next save.
+A checkpoint is serialised in memory, hashed, written into a hidden temporary folder in RUN with
+every file fsync'ed and the manifest last, then the folder is renamed into place with
+``os.replace`` (atomic on POSIX) and RUN is fsync'ed. A kill at any moment leaves either the
+previous checkpoints or the new one, never half a one; leftover temporaries are swept at the
+next save. Loading verifies the manifest: a run directory falls back to its newest checkpoint
+that verifies (saying so on stderr), an explicitly named checkpoint or file is refused when
+damaged. Weights with NaN/Inf are neither saved nor loaded.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UserError
 from .config import TrainConfig, build_model
+from .errors import UserError
+from .rundir import (MANIFEST, RESOURCE_ERRNOS, atomic_write_text, fsync_dir, manifest_text, retire,
+                     sweep_temporaries, temp_name, verify, write_durable)
+
+__all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint",
+           "save_checkpoint", "restore_training_state", "load", "LoadedRun"]
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
-_TMP_PREFIX = ".tmp-ckpt-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first, as (step, folder)."""
+    """Complete checkpoints of a run, oldest first, as (step, folder); not yet verified."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -86,47 +62,127 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (unverified; see ``latest_verified_checkpoint``)."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
 
+
+def latest_verified_checkpoint(run_dir: Path, names=FILES) -> Path | None:
+    """The newest checkpoint whose ``names`` match its manifest; None if the run has none.
+
+    Damaged newer ones are skipped with one line on stderr; if every one is damaged that is a
+    UserError listing them (never a silent fresh start).
+    """
+    damaged = []
+    for _, folder in reversed(list_checkpoints(run_dir)):
+        problem = verify(folder, names)
+        if problem is None:
+            if damaged:
+                print(f"ddpm: {'; '.join(damaged)}; using {folder}", file=sys.stderr)
+            return folder
+        damaged.append(f"checkpoint {folder} is damaged ({problem})")
+    if damaged:
+        raise UserError(f"no checkpoint in {run_dir} is intact: {'; '.join(damaged)}")
+    return None
+
+
+# -- saving -----------------------------------------------------------------------------------
 
 def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; channels_last weights are non-contiguous.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def nonfinite_key(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding NaN or Inf, or None."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, state: dict, config: TrainConfig,
     keep_last: int = 3,
 ) -> Path:
-    """Atomically write ``RUN/ckpt-{step:07d}`` and delete all but the newest ``keep_last``."""
-    from safetensors.torch import save_file
+    """Atomically write ``RUN/ckpt-{step:07d}`` (replacing one of that step) with its manifest,
+    then delete all but the newest ``keep_last`` up to this step (newer ones are left alone: a
+    run resumed from an earlier checkpoint replaces them when it gets there).
+
+    Refuses non-finite weights. A full disk, read-only or otherwise unwritable directory is a
+    one-line UserError; the checkpoints already there are left intact.
+    """
+    from safetensors.torch import save as safetensors_bytes
 
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:07d}"
-    if final.is_dir() and all((final / f).is_file() for f in FILES):
-        return final  # this exact step is already saved (e.g. Ctrl-C right after a periodic save)
-    for stale in run_dir.glob(_TMP_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=_TMP_PREFIX))
+    meta = {"ddpm_config": config.to_json(), "step": str(step)}
+    blobs = {}
+    for name, module in (("model", model), ("ema", ema)):
+        tensors = _state_dict_cpu(module)
+        bad = nonfinite_key(tensors)
+        if bad is not None:
+            raise UserError(f"refusing to save checkpoint {final}: the {name} weights hold NaN/Inf ({bad})")
+        blobs[f"{name}.safetensors"] = safetensors_bytes(tensors, metadata={**meta, "weights": name})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blobs["state.pt"] = buffer.getvalue()
+    need = sum(map(len, blobs.values()))
     try:
-        meta = {"ddpm_config": config.to_json(), "step": str(step)}
-        save_file(_state_dict_cpu(model), str(tmp / "model.safetensors"), metadata={**meta, "weights": "model"})
-        save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata={**meta, "weights": "ema"})
-        torch.save(state, tmp / "state.pt")
-        for name in FILES:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        if final.exists():  # an incomplete folder of the same name cannot be the latest complete one
-            shutil.rmtree(final)
+        _sweep(run_dir, step)
+        free = shutil.disk_usage(run_dir).free
+        if free < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        _publish(run_dir, final, step, blobs)
+    except OSError as exc:
+        if exc.errno not in RESOURCE_ERRNOS:
+            raise
+        space = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            space = f" ({_megabytes(need)} needed, {_megabytes(shutil.disk_usage(run_dir).free)} free)"
+        raise UserError(f"cannot save checkpoint {final}: {exc.strerror}{space}; the earlier checkpoints are "
+                        f"intact") from None
+    older = [p for s, p in list_checkpoints(run_dir) if s < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        retire(old)
+    return final
+
+
+def _publish(run_dir: Path, final: Path, step: int, blobs: dict[str, bytes]) -> None:
+    tmp = run_dir / temp_name(final.name)
+    os.mkdir(tmp, 0o777)  # the umask applies, as to every file below
+    try:
+        digests = {name: (len(data), write_durable(tmp / name, data)) for name, data in blobs.items()}
+        write_durable(tmp / MANIFEST, manifest_text(step, digests).encode())
+        fsync_dir(tmp)
+        if final.exists():  # a damaged or incomplete folder of this step: the new one replaces it
+            retire(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(run_dir)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    fsync_dir(run_dir)
+
+
+def _sweep(run_dir: Path, step: int) -> None:
+    """Leftovers of killed processes; incomplete ``ckpt-*`` folders before ``step`` (a kill while
+    an earlier version deleted an old checkpoint file by file)."""
+    sweep_temporaries(run_dir)
+    for p in run_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and int(m.group(1)) < step and p.is_dir() and not all((p / f).is_file() for f in FILES):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def read_state(ckpt_dir: Path) -> dict:
@@ -138,9 +194,18 @@ def read_state(ckpt_dir: Path) -> dict:
         raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
+    """(metadata, {name: shape}) of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:
+        raise UserError(f"corrupt or truncated checkpoint {path}: {_first_line(exc)}") from None
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -159,38 +224,55 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``load_state_dict`` that reports a different architecture as a one-line UserError."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+def _check_architecture(own: dict[str, tuple], found: dict[str, tuple], path: Path) -> None:
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    wrong = sorted(k for k in set(own) & set(found) if tuple(own[k]) != tuple(found[k]))
     if missing or unexpected or wrong:
         detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong-shape tensors"
                   f" (e.g. {(missing + unexpected + wrong)[0]})")
         raise UserError(f"checkpoint {path} is for another architecture than its config describes: {detail}")
+
+
+def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict`` that reports a different architecture or NaN/Inf weights as a one-line UserError."""
+    _check_architecture({k: v.shape for k, v in module.state_dict().items()},
+                        {k: v.shape for k, v in tensors.items()}, path)
+    bad = nonfinite_key(tensors)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds NaN/Inf weights ({bad}): the run diverged before it was saved; "
+                        f"use an earlier checkpoint")
     module.load_state_dict(tensors, strict=True)
 
 
 def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, *, rank: int = 0,
-                           world: int = 1) -> int:
-    """Load weights, EMA, optimizer and this rank's RNG state from a checkpoint folder; return its step."""
+                           world: int = 1, grad_scaler=None) -> int:
+    """Load weights, EMA, optimizer and this rank's RNG state from a checkpoint folder; return its step.
+
+    An enabled ``grad_scaler`` (fp16) gets the saved loss scale.
+
+    The state is validated before use (``training_state.check_state``), so a damaged or crafted
+    ``state.pt`` is a one-line UserError rather than a crash in the optimizer's kernels.
+    """
+    from .training_state import check_state
+
+    ckpt = Path(ckpt)
     for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
         tensors, _ = read_weights(ckpt / name)
         load_weights_into(module, tensors, ckpt / name)
-    state = read_state(ckpt)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        ranks = state["rng"]["ranks"]
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise UserError(f"checkpoint {ckpt / 'state.pt'} does not match this model/optimizer: {exc}") from None
+    m = CKPT_RE.match(ckpt.name)
+    state = check_state(read_state(ckpt), optimizer, ckpt / "state.pt", step=int(m.group(1)) if m else None)
+    optimizer.load_state_dict(state["optimizer"])
+    ranks = state["rng"]["ranks"]
     if len(ranks) == world:
         torch.set_rng_state(ranks[rank]["cpu"])
         if "cuda" in ranks[rank] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ranks[rank]["cuda"])
     else:  # a different world size: per-rank dropout streams cannot be carried over
-        torch.manual_seed(int(state["step"]) * 7919 + rank)
-    return int(state["step"])
+        torch.manual_seed(state["step"] * 7919 + rank)
+    if grad_scaler is not None and grad_scaler.is_enabled() and state.get("grad_scaler"):
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
 
 
 @dataclass
@@ -211,19 +293,27 @@ class LoadedRun:
 
 
 def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
-    """A run dir -> its latest checkpoint's weights; a ckpt dir -> its weights; a file -> itself."""
+    """A run dir -> the weights of its newest intact checkpoint; a ckpt dir -> its weights; a file
+    -> itself. Named checkpoints and files are verified against their manifest and refused when
+    damaged; a run directory falls back to an older checkpoint instead (saying so)."""
     path = Path(path)
     name = "ema.safetensors" if ema else "model.safetensors"
     if path.is_file():
-        return path
-    if not path.exists():
+        folder, name = path.parent, path.name
+    elif not path.exists():
         raise UserError(f"no such run directory or checkpoint: {path}")
-    if CKPT_RE.match(path.name):
-        return path / name
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise UserError(f"no complete checkpoint (ckpt-NNNNNNN/ with {', '.join(FILES)}) in {path}")
-    return latest / name
+    elif CKPT_RE.match(path.name):
+        folder = path
+    else:
+        latest = latest_verified_checkpoint(path, [name])
+        if latest is None:
+            raise UserError(f"no complete checkpoint (ckpt-NNNNNNN/ with {', '.join(FILES)}) in {path}")
+        return latest / name
+    if CKPT_RE.match(folder.name):
+        problem = verify(folder, [name])
+        if problem is not None:
+            raise UserError(f"checkpoint {folder} is damaged ({problem})")
+    return folder / name
 
 
 def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
@@ -232,23 +322,21 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     The network is rebuilt from the config stored in the weights' metadata (falling back to the
     run's ``config.json``), so a checkpoint alone is enough. ``ema`` picks the EMA weights.
     A diffusers pipeline (or UNet2DModel) directory is converted (``ddpm.diffusers_io``).
+    The file's tensor shapes are compared with the config's network built on the ``meta``
+    device (no memory) before the real one is allocated, so a file whose config does not match
+    its tensors fails at once.
     """
     from .diffusers_io import is_diffusers_dir, load_diffusers
 
     if is_diffusers_dir(path):
         return load_diffusers(path, device=device)
     weights_path = resolve_weights_path(path, ema=ema)
-    tensors, meta = read_weights(weights_path)
-    config_json = meta.get("ddpm_config")
-    if config_json is None:
-        candidate = weights_path.parent.parent / "config.json"
-        if not candidate.is_file():
-            raise UserError(f"{weights_path} carries no ddpm config and no config.json was found beside its run")
-        config_json = candidate.read_text(encoding="utf-8")
-    try:
-        config = TrainConfig.from_dict(json.loads(config_json))
-    except (ValueError, UserError) as exc:
-        raise UserError(f"{weights_path}: stored config is invalid: {_first_line(exc)}") from None
+    meta, shapes = read_header(weights_path)
+    config = _stored_config(weights_path, meta)
+    with torch.device("meta"):
+        skeleton = build_model(config.model)
+    _check_architecture({k: v.shape for k, v in skeleton.state_dict().items()}, shapes, weights_path)
+    tensors, _ = read_weights(weights_path)
     model = build_model(config.model)
     load_weights_into(model, tensors, weights_path)
     model.to(device).eval().requires_grad_(False)
@@ -257,6 +345,19 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     return LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
                      sample_kwargs=sample_kwargs(config),
                      path=weights_path, step=step)
+
+
+def _stored_config(weights_path: Path, meta: dict[str, str]) -> TrainConfig:
+    config_json = meta.get("ddpm_config")
+    if config_json is None:
+        candidate = weights_path.parent.parent / "config.json"
+        if not candidate.is_file():
+            raise UserError(f"{weights_path} carries no ddpm config and no config.json was found beside its run")
+        config_json = candidate.read_text(encoding="utf-8")
+    try:
+        return TrainConfig.from_dict(json.loads(config_json))
+    except (ValueError, UserError) as exc:
+        raise UserError(f"{weights_path}: stored config is invalid: {_first_line(exc)}") from None
 
 
 def item_shape(config: TrainConfig) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """``ddpm`` command line: train, sample, schedules, eval (thin parsing over the library).
 
 User mistakes (UserError, ValueError from config validation, missing files) print
-``ddpm: error: <one line>`` on stderr and exit with code 2; Ctrl-C during training saves a
-checkpoint and exits with code 130.
+``ddpm: error: <one line>`` on stderr and exit with code 2, as do exhausted memory or disk and a
+diverged training run; Ctrl-C, SIGTERM or SIGHUP during training saves a checkpoint and exits
+with code 128 + the signal number (130, 143, 129).
 """
 
 from __future__ import annotations
@@ -446,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, TrainingInterrupted):
             print(f"ddpm: {exc} (continue with: ddpm train --resume --out {exc.run_dir})", file=sys.stderr)
-        else:
-            print("ddpm: interrupted", file=sys.stderr)
+            return exc.exit_code  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        print("ddpm: interrupted", file=sys.stderr)
         return 130
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]

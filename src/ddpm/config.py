@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class OptimConfig:
     def __post_init__(self):
         _check_literals(self)
         self.betas = tuple(float(b) for b in self.betas)
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}")
         _require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
@@ -124,10 +125,11 @@ class LoopConfig:
     compile: bool = False
     num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
     progress: bool = True
+    max_nonfinite: int = 20  # steps in a row with a NaN/Inf loss or gradient (each skipped) that stop the run
 
     def __post_init__(self):
         _check_literals(self)
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ema_warmup", "seed", "sample_every", "ckpt_every", "num_workers"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -279,6 +281,11 @@ def build_model(model_config: Any):
     return MLPDenoiser(model_config)
 
 
+def _admits(hint, kind: type) -> bool:
+    """Whether annotation ``hint`` (``int``, ``Optional[int]``, ``Union[...]``) accepts ``kind``."""
+    return kind in (typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,))
+
+
 def _build(cls, d: Any, path: str):
     """Build dataclass ``cls`` from a dict, refusing unknown keys by their dotted name."""
     if not isinstance(d, dict):
@@ -305,6 +312,14 @@ def _build(cls, d: Any, path: str):
             value = tuple(value)  # JSON/TOML have no tuples
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif isinstance(value, float) and _admits(hint, int) and not _admits(hint, float):
+            # 8.0 is 8; 2.5 is refused rather than rounded (a float step count never meets the
+            # loop's last-step test, so the run would end without its final checkpoint)
+            if not value.is_integer():
+                raise UserError(f"{path}{key} must be an integer, got {value}")
+            value = int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{path}{key} must be a finite number, got {value}")
         kwargs[key] = value
     try:
         return cls(**kwargs)

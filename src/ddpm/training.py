@@ -10,13 +10,29 @@ do. One optimizer step (``_optimizer_step``)::
         x0 ~ q(x0)                                 line 2: index stream shared by all ranks,
                                                    sliced per rank
         loss = ||eps - eps_theta(x_t, t)||^2       line 5 (ddpm.diffusion.training_loss)
-    clip grad norm, Adam step with warmed-up lr    line 5: the gradient step
-    ema <- lerp(ema, theta, 1 - decay_t)           one fused lerp_ (rank 0)
+    clip grad norm, Adam step with warmed-up lr    line 5: the gradient step (skipped if non-finite)
+    ema <- lerp(ema, theta, 1 - decay_t)           one multi-tensor update (rank 0; skipped with it)
 
-and after it, when due: a log record (``_Log``), the stop check (time budget, Ctrl-C), previews,
-checkpoints and evaluation (``_periodic_work``). Every resource (process group, prefetch
-threads, log file, TensorBoard writer, progress bar, SIGINT handler) is entered on one
-``ExitStack`` and released on every exit: the end of the run, Ctrl-C or an exception.
+and after it, when due: a log record (``ddpm.runlog``), the stop check (time budget, a stop signal),
+the divergence check, previews, checkpoints and evaluation (``_periodic_work``). Every resource
+(process group, run-directory lock, prefetch threads, log file, TensorBoard writer, progress
+bar, signal handlers) is entered on one ``ExitStack`` and released on every exit: the end of the
+run, a signal or an exception.
+
+Non-finite guard: a step whose loss or gradient norm is NaN/Inf is skipped (no Adam step, no EMA
+update) and counted in the log; ``train.max_nonfinite`` skipped steps in a row stop the run with
+``TrainingDiverged``, leaving the last checkpoint (finite: non-finite weights are never saved)
+as the latest. With the fused Adam kernel the skip costs no host sync: the flag is computed on
+the device and handed to the kernel as ``found_inf`` (the way ``torch.amp.GradScaler`` skips
+steps) and masks the EMA weight; the host reads the count of skipped steps only where it
+synchronises anyway (log records) or every ``max_nonfinite`` steps. Without a fused kernel the
+flag is read every step (free on a CPU, where nothing runs ahead of the host).
+
+fp16 (``train.amp``, or "auto" on GPUs without fast bf16): the loss is scaled by a
+``torch.amp.GradScaler`` before backward and the gradients unscaled before clipping; a step whose
+gradients overflow (finite loss, inf gradients) is skipped the same way, logged as
+``skipped_overflow`` and answered by halving the scale: it is not divergence. The scale is saved
+in each checkpoint, so a resumed fp16 run is still the uninterrupted one.
 
 Because the randomness of step k depends only on (seed, k) and the data position is a function
 of k, a run stopped at step k and resumed reproduces the uninterrupted run bit for bit on CPU,
@@ -29,11 +45,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import signal
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,53 +56,68 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import accel
-from .checkpoint import (atomic_write_text, item_shape, latest_checkpoint, restore_training_state, sample_kwargs,
-                         save_checkpoint)
+from . import accel, guards
+from .checkpoint import (item_shape, latest_checkpoint, latest_verified_checkpoint, list_checkpoints,
+                         restore_training_state, sample_kwargs, save_checkpoint)
 from .config import TrainConfig, build_model
 from .diffusion import training_loss
 from .errors import UserError
 from .loader import IndexStream, Prefetcher
+from .rundir import RunLock, atomic_write_text, sweep_temporaries
+from .runlog import RunLog
 
-__all__ = ["train", "TrainingInterrupted", "IndexStream"]
+__all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "IndexStream"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``train``: a checkpoint of the last completed step was saved first."""
+    """Ctrl-C, SIGTERM or SIGHUP during ``train``: a checkpoint of the last completed step was saved
+    first. ``exit_code`` is 128 + the signal number (130, 143, 129), as a shell reports it."""
 
-    def __init__(self, run_dir: Path, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint saved in {run_dir}")
-        self.run_dir, self.step = run_dir, step
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT):
+        by = "" if signum == signal.SIGINT else f" by {guards.signal_name(signum)}"
+        super().__init__(f"interrupted{by} at step {step}; checkpoint saved in {run_dir}")
+        self.run_dir, self.step, self.signum, self.exit_code = run_dir, step, signum, 128 + signum
+
+
+class TrainingDiverged(UserError):
+    """``train.max_nonfinite`` optimizer steps in a row had a NaN/Inf loss or gradient norm."""
 
 
 def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = False) -> Path:
     """Train ``config`` into run directory ``out`` (default ``runs/NAME-DATE-TIME``); return it.
 
-    ``resume=True`` continues from the latest complete checkpoint in ``out`` (starting fresh when
-    there is none). Under torchrun (WORLD_SIZE > 1) each rank trains on its shard of every global
-    batch with DistributedDataParallel; EMA, previews, logs and checkpoints live on rank 0.
-    Raises ``TrainingInterrupted`` after saving a checkpoint when Ctrl-C is pressed.
+    ``resume=True`` continues from the newest intact checkpoint in ``out`` (from step 0 when the
+    run has a config.json but no checkpoint yet; a directory with neither is an error). The run
+    directory is locked for the whole run. Under torchrun (WORLD_SIZE > 1) each rank trains on
+    its shard of every global batch with DistributedDataParallel; EMA, previews, logs and
+    checkpoints live on rank 0. Raises ``TrainingInterrupted`` after saving a checkpoint on
+    Ctrl-C, SIGTERM or SIGHUP, ``TrainingDiverged`` when the loss stays non-finite, and a
+    one-line UserError when memory or disk run out.
     """
     c = config.train
-    with contextlib.ExitStack() as stack:  # closes everything below on every way out
-        r = _setup(config, out, resume, stack)  # process group, data, model, EMA, optimizer, resume
-        log = _Log(r, stack)  # log.jsonl, TensorBoard, progress bar
-        sigint = stack.enter_context(_sigint_flag())
+    with guards.resource_errors("training"), contextlib.ExitStack() as stack:  # closed on every way out
+        r = _setup(config, out, resume, stack)  # process group, lock, data, model, EMA, optimizer, resume
+        log = RunLog(r.run_dir, rank=r.rank, world=r.world, step=r.step, steps=c.steps, progress=c.progress,
+                     device=r.device, stack=stack)  # log.jsonl, TensorBoard, progress bar
+        signals = stack.enter_context(guards.stop_signals())  # the first SIGINT/SIGTERM/SIGHUP -> signals[0]
         while r.step < c.steps:  # Algorithm 1, lines 1 and 6: repeat until the step budget is spent
             lr = _lr_at(config, r.step)
-            grad_norm = _optimizer_step(r, lr, log.loss_sum)  # Algorithm 1, lines 2-5; EMA
+            grad_norm = _optimizer_step(r, lr, log)  # Algorithm 1, lines 2-5; EMA (skipped when non-finite)
             r.step += 1
             log.bar.update(1)
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
-            stop = _should_stop(r, log.t_start, sigint[0], at_log)  # time budget spent or Ctrl-C
+            stop = _should_stop(r, log.t_start, signals[0], at_log)  # "time", a signal number or None
             if at_log:
-                log.write(r, lr, grad_norm)
-            # (no final grid after Ctrl-C: the user wants out, the checkpoint is what matters)
-            _periodic_work(r, final=stop or r.step == c.steps, final_preview=not sigint[0])
-            if stop:
-                if sigint[0]:  # the checkpoint is saved; the stack closes the rest on the way out
-                    raise TrainingInterrupted(r.run_dir, r.step)
+                log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
+                          loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None)
+            if at_log or r.step % c.max_nonfinite == 0:
+                _check_divergence(r)  # before any save: a diverged run keeps its last checkpoint
+            # (no final grid after a signal: the user wants out, the checkpoint is what matters)
+            _periodic_work(r, final=stop is not None or r.step == c.steps, final_preview=stop in (None, "time"))
+            if stop is not None:
+                if stop != "time":  # the checkpoint is saved; the stack closes the rest on the way out
+                    raise TrainingInterrupted(r.run_dir, r.step, stop)
                 break
     return r.run_dir
 
@@ -103,7 +132,7 @@ class _Run:
     rank: int
     world: int
     device: torch.device
-    amp: str  # "off" or "bf16" ("auto" resolved)
+    amp: str  # "off", "bf16" or "fp16" ("auto" resolved)
     run_dir: Path
     dataset: Any
     loader: Prefetcher  # this rank's slice of micro-batch j, fetched ahead
@@ -112,10 +141,15 @@ class _Run:
     net: torch.nn.Module  # model, wrapped in DistributedDataParallel under torchrun
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    step: int  # optimizer steps completed
+    step: int  # optimizer steps completed (skipped non-finite ones included)
+    scaler: torch.amp.GradScaler  # loss scaling under fp16 (disabled: every call a pass-through)
 
     def __post_init__(self):
         self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
+        self.saved_step = self.step  # the step of the newest checkpoint written or resumed from
+        self.nonfinite_run = torch.zeros((), device=self.device)  # skipped steps in a row, on the device
+        # fused Adam skips a step on the device when told found_inf (see the module docstring)
+        self.masked_skip = bool(self.optimizer.defaults.get("fused"))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # EMA over every floating tensor of the state dict (parameters and float buffers).
         self.ema_tensors = [v for v in self.ema.state_dict().values() if v.is_floating_point()]
@@ -133,11 +167,18 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     if micro_global % world:
         raise UserError(f"batch_size / grad_accum = {micro_global} is not divisible by world size {world}")
     micro_local = micro_global // world
-    amp = ("bf16" if device.type == "cuda" else "off") if c.amp == "auto" else c.amp
+    amp = accel.resolve_amp(c.amp, device)
     run_dir = _run_dir(config, out, world)
-    latest = latest_checkpoint(run_dir)
-    if latest is not None and not resume:
+    if resume and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
+        raise UserError(f"--resume: {run_dir} holds no run (no config.json, no checkpoint); check the path, "
+                        f"or leave out --resume to start a new run there")
+    guards.check_memory(config, device)  # an absurd batch or image size fails here, before allocating
+    if rank == 0:
+        stack.enter_context(RunLock(run_dir))  # one writer per run directory, until the stack closes
+        sweep_temporaries(run_dir)  # e.g. the temporary config.json of a run killed while writing it
+    if list_checkpoints(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+    latest = _resume_from(run_dir, rank, world) if resume else None
     if device.type == "cpu":
         accel.keep_freed_memory()  # ~11% faster CPU steps (fewer page faults); see its docstring
 
@@ -152,18 +193,20 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     optimizer = accel.make_optimizer(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                      weight_decay=config.optim.weight_decay, eps=config.optim.eps)
     step = 0
+    scaler = accel.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
     if latest is not None:
-        step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world)
+        step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world,
+                                      grad_scaler=scaler)
     else:
         torch.manual_seed(c.seed + rank)  # dropout differs per rank, as with independent shards
     accel.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
     accel.prepare_model(ema, channels_last=c.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # only now: a refused resume leaves the run's config.json as it was
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
-                loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step)
+                loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
+                scaler=scaler)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
@@ -183,6 +226,14 @@ def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool
     if started:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def _resume_from(run_dir: Path, rank: int, world: int) -> Path | None:
+    """The newest checkpoint that verifies, chosen (and any fallback reported) by rank 0."""
+    holder = [str(latest_verified_checkpoint(run_dir) or "") if rank == 0 else ""]
+    if world > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0]) if holder[0] else None
 
 
 def _run_dir(config: TrainConfig, out, world: int) -> Path:
@@ -233,11 +284,12 @@ def _ema_decay_at(config: TrainConfig, step: int) -> float:
     return min(c.ema_decay, (1 + step) / (c.ema_warmup + step))
 
 
-def _optimizer_step(r: _Run, lr: float, loss_sum: torch.Tensor) -> torch.Tensor | None:
-    """Optimizer step ``r.step`` on its global batch (Algorithm 1, lines 2-5) and the EMA update.
+def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
+    """Optimizer step ``r.step`` on its global batch (Algorithm 1, lines 2-5) and the EMA update,
+    both skipped when the loss or the gradient norm is not finite.
 
-    Adds the step's mean loss to ``loss_sum`` on the device (no host sync) and returns the
-    gradient norm before clipping (None when clipping is off).
+    Adds the step's mean loss (or the skip) to ``log`` on the device (no host sync) and returns
+    the gradient norm before clipping.
     """
     config, c = r.config, r.config.train
     for group in r.optimizer.param_groups:
@@ -251,6 +303,7 @@ def _optimizer_step(r: _Run, lr: float, loss_sum: torch.Tensor) -> torch.Tensor 
     flip_all = torch.rand(c.batch_size, device=r.device, generator=r.noise_gen) < 0.5
     micro_global = c.batch_size // c.grad_accum
     micro_local = micro_global // r.world
+    step_loss = torch.zeros((), device=r.device)
     for micro in range(c.grad_accum):
         x0 = r.loader.get(r.step * c.grad_accum + micro)  # Algorithm 1, line 2
         lo = micro * micro_global + r.rank * micro_local
@@ -264,101 +317,73 @@ def _optimizer_step(r: _Run, lr: float, loss_sum: torch.Tensor) -> torch.Tensor 
             # Algorithm 1, line 5: ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2
             loss = training_loss(r.net, r.schedule, x0, t=t, noise=eps, prediction=config.diffusion.prediction,
                                  weighting=config.diffusion.weighting, min_snr_gamma=config.diffusion.min_snr_gamma)
-        (loss / c.grad_accum).backward()
-        loss_sum += loss.detach() / c.grad_accum
-    grad_norm = None
-    if config.optim.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(r.params, config.optim.grad_clip, foreach=True)
-    r.optimizer.step()  # Algorithm 1, line 5: the gradient step (Adam)
-    r.optimizer.zero_grad(set_to_none=True)
-    if r.rank == 0:
-        accel.ema_update(r.ema_tensors, r.model_tensors, _ema_decay_at(config, r.step))
+        r.scaler.scale(loss / c.grad_accum).backward()  # fp16: scaled so small gradients do not flush to 0
+        step_loss += loss.detach().float() / c.grad_accum
+    r.scaler.unscale_(r.optimizer)  # fp16: true gradients again (and the scaler notes any inf)
+    # max_norm=inf measures without clipping (the norm feeds the non-finite check and the log)
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.params, config.optim.grad_clip or math.inf, foreach=True)
+    bad_loss, bad_grad = ~torch.isfinite(step_loss), ~torch.isfinite(grad_norm)
+    # [non-finite, overflow]: under fp16 a finite loss with inf gradients is the scaler's overflow
+    # (it lowers the scale), not divergence; elsewhere any NaN/Inf counts as non-finite.
+    flags = torch.stack([bad_loss | (bad_grad & (not r.scaler.is_enabled())), ~bad_loss & bad_grad]).float()
+    if r.world > 1:  # the loss is per rank: all ranks must skip together or their weights part
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    flags[1] *= 1 - flags[0]  # a step is one or the other
+    skip = flags.sum()
+    _apply_update(r, skip, _ema_decay_at(config, r.step))
+    r.scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
+    log.add(step_loss, flags)
+    r.nonfinite_run.add_(flags[0]).mul_(skip)  # +1 if non-finite, kept if overflow, 0 if applied
     return grad_norm
 
 
-# -- logging and stopping ---------------------------------------------------------------------
-
-class _Log:
-    """log.jsonl, TensorBoard scalars and the progress bar; files on rank 0 only."""
-
-    def __init__(self, r: _Run, stack: contextlib.ExitStack):
-        from tqdm import tqdm
-
-        self.file = self.tb = None
+def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
+    """The Adam step (Algorithm 1, line 5) and the EMA update, neither of them when ``skip`` is 1."""
+    if r.masked_skip:
+        r.optimizer.found_inf = skip  # fused Adam: no update, moments and step count kept, when 1
+        try:
+            r.optimizer.step()
+        finally:
+            del r.optimizer.found_inf
+        if r.rank == 0:  # ema += (1 - decay) * keep * (theta - ema): zero weight on a skipped step
+            delta = torch._foreach_sub(r.model_tensors, r.ema_tensors)
+            torch._foreach_mul_(delta, (1 - skip) * (1 - decay))
+            torch._foreach_add_(r.ema_tensors, delta)
+    elif not skip.item():
+        r.optimizer.step()
         if r.rank == 0:
-            self.file = stack.enter_context(open(r.run_dir / "log.jsonl", "a", encoding="utf-8"))
-            self.tb = _tensorboard(r.run_dir)
-            if self.tb is not None:
-                stack.callback(self.tb.close)
-        c = r.config.train
-        self.bar = stack.enter_context(tqdm(total=c.steps, initial=r.step, disable=not c.progress or r.rank != 0,
-                                            unit="step", dynamic_ncols=True))
-        self.loss_sum = torch.zeros((), device=r.device)  # summed per step, averaged per record
-        self.t_start = self.t_last = time.monotonic()
-        self.step_last = r.step
-
-    def write(self, r: _Run, lr: float, grad_norm: torch.Tensor | None) -> None:
-        """One record of the mean loss since the last one (averaged over ranks: every rank calls this)."""
-        if r.world > 1:
-            dist.all_reduce(self.loss_sum)
-            self.loss_sum /= r.world
-        now, steps = time.monotonic(), r.step - self.step_last
-        record = {"step": r.step, "loss": self.loss_sum.item() / steps, "lr": lr,
-                  "grad_norm": 0.0 if grad_norm is None else float(grad_norm),
-                  "ema_decay": _ema_decay_at(r.config, r.step - 1),
-                  "it_per_s": steps / max(now - self.t_last, 1e-9), "elapsed_s": now - self.t_start}
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm"):
-                self.tb.add_scalar(f"train/{key}", record[key], r.step)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        self.loss_sum.zero_()
-        self.t_last, self.step_last = now, r.step
+            accel.ema_update(r.ema_tensors, r.model_tensors, decay)
+    r.optimizer.zero_grad(set_to_none=True)
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
+# -- stopping ------------------------------------------------------------------------------------
 
-
-def _should_stop(r: _Run, t_start: float, sigint: bool, at_log: bool) -> bool:
-    """Time budget spent or Ctrl-C pressed. Under DDP the ranks decide together (any rank's reason
-    stops all of them), and only at log steps, where they synchronise anyway."""
+def _should_stop(r: _Run, t_start: float, signum: int | None, at_log: bool) -> int | str | None:
+    """The signal number received, "time" when the time budget is spent, else None. Under DDP the
+    ranks decide together (any rank's reason stops all of them, with the same signal number),
+    and only at log steps, where they synchronise anyway."""
     if r.world > 1 and not at_log:
-        return False
+        return None
     max_minutes = r.config.train.max_minutes
-    stop = sigint or (max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes)
+    late = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
     if r.world > 1:
-        flag = torch.tensor([float(stop)], device=r.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    return stop
+        flags = torch.tensor([float(signum or 0), float(late)], device=r.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, late = int(flags[0].item()) or None, bool(flags[1].item())
+    return signum if signum else ("time" if late else None)
 
 
-@contextlib.contextmanager
-def _sigint_flag():
-    """First Ctrl-C sets ``flag[0]`` (the loop saves and stops at the next step boundary);
-    a second one raises KeyboardInterrupt at once."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
+def _check_divergence(r: _Run) -> None:
+    """Raise TrainingDiverged once ``max_nonfinite`` steps in a row were skipped (every rank
+    counts the same skips, so all raise at the same step)."""
+    limit, run = r.config.train.max_nonfinite, int(r.nonfinite_run.item())
+    if run < limit:
         return
-
-    def handler(signum, frame):
-        if flag[0]:
-            raise KeyboardInterrupt
-        flag[0] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    latest = latest_checkpoint(r.run_dir)
+    kept = f"the latest checkpoint, {latest}, holds finite weights" if latest else "no checkpoint was saved"
+    raise TrainingDiverged(f"training diverged: the last {run} steps (up to step {r.step}) had a NaN/Inf loss or "
+                           f"gradient and were skipped (train.max_nonfinite={limit}); {kept}; lower optim.lr or "
+                           f"raise optim.warmup and resume")
 
 
 # -- periodic work: previews, checkpoints, evaluation -----------------------------------------
@@ -369,7 +394,9 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
     c, step = r.config.train, r.step
     if r.rank == 0 and ((c.sample_every and step % c.sample_every == 0) or (final and final_preview)):
         _save_preview(r, r.run_dir / "samples" / f"{'final' if final else f'step-{step:07d}'}.png")
-    if (c.ckpt_every and step % c.ckpt_every == 0) or final:
+    # Not in the middle of a run of skipped (non-finite) steps: such a checkpoint would push the
+    # ones from before the trouble out of keep_last while holding nothing newer.
+    if final or (c.ckpt_every and step % c.ckpt_every == 0 and not r.nonfinite_run.item()):
         _checkpoint(r)
     if r.rank == 0 and r.config.eval.every and step % r.config.eval.every == 0:
         from .evaluate import periodic_eval
@@ -395,10 +422,15 @@ def _save_preview(r: _Run, path: Path) -> None:
 
 def _checkpoint(r: _Run) -> None:
     """Rank 0 writes ``ckpt-{step}``; under DDP every rank takes part in gathering the RNG states."""
+    if r.saved_step == r.step:  # e.g. a signal right after a periodic save: that step is saved
+        return
+    r.saved_step = r.step
     if r.rank == 0:
         c = r.config.train
         state = {"step": r.step, "optimizer": r.optimizer.state_dict(), "data_position": r.step * c.grad_accum,
                  "rng": _rng_states(r.rank, r.world), "world_size": r.world}
+        if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
+            state["grad_scaler"] = r.scaler.state_dict()
         save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last)
     elif r.world > 1:
         _rng_states(r.rank, r.world)
