@@ -96,7 +96,7 @@ def test_sample_and_eval_share_sampling_options(capsys):
     defaults = [{k: vars(parser.parse_args(argv))[k] for k in keys} for argv in SAMPLING_COMMANDS.values()]
     assert defaults[0] == defaults[1] == defaults[2]
     assert defaults[0] == {"sampler": None, "steps": None, "eta": None, "seed": 0, "batch_size": 256, "device": "auto",
-                           "amp": "off", "no_ema": False, "progress": False}
+                           "amp": "auto", "no_ema": False, "progress": None}
     given = [flag for option in SHARED.values() for flag in option]
     parsed = [{k: vars(parser.parse_args(argv + given))[k] for k in keys} for argv in SAMPLING_COMMANDS.values()]
     assert parsed[0] == parsed[1] == parsed[2]

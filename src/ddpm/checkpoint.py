@@ -280,7 +280,8 @@ class LoadedRun:
     """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.shape), **run.sample_kwargs)``.
 
     ``shape`` is one item's shape, (C, H, W) or (dim,); ``sample_kwargs`` holds the run's
-    prediction, variance and clipping, which every sampler accepts.
+    prediction, variance and clipping, which every sampler accepts. ``amp`` is the autocast mode
+    chosen for the model's device by ``load``: sample under ``with run.autocast(): ...`` to use it.
     """
 
     model: torch.nn.Module
@@ -290,6 +291,14 @@ class LoadedRun:
     sample_kwargs: dict
     path: Path
     step: int | None
+    amp: str = "off"  # "off", "bf16" or "fp16" (ddpm.accel.AMP_MODES)
+
+    def autocast(self):
+        """A context manager running the network in ``amp`` on the model's device."""
+        from .accel import autocast
+
+        param = next(iter(self.model.parameters()), None) if isinstance(self.model, torch.nn.Module) else None
+        return autocast(param.device if param is not None else "cpu", self.amp)
 
 
 def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
@@ -316,8 +325,15 @@ def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
     return folder / name
 
 
-def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
+def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", fast: bool = True,
+         amp: str | None = None) -> LoadedRun:
     """Load a trained model from a run directory, a ``ckpt-*`` folder or a ``.safetensors`` file.
+
+    Fast by default, as ``ddpm sample`` runs: ``run.amp`` is ``amp`` resolved on ``device``
+    (default ``"auto"``: bf16 or fp16 autocast where the device computes it natively, see
+    ``ddpm.accel.resolve_amp``) and networks wide enough to gain get channels_last weights
+    (``accel.prefers_channels_last``). ``fast=False`` keeps float32 (unless ``amp`` says otherwise)
+    and the stored layout.
 
     The network is rebuilt from the config stored in the weights' metadata (falling back to the
     run's ``config.json``), so a checkpoint alone is enough. ``ema`` picks the EMA weights.
@@ -329,7 +345,7 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     from .diffusers_io import is_diffusers_dir, load_diffusers
 
     if is_diffusers_dir(path):
-        return load_diffusers(path, device=device)
+        return _prepared(load_diffusers(path, device=device), device, fast, amp)
     weights_path = resolve_weights_path(path, ema=ema)
     meta, shapes = read_header(weights_path)
     config = _stored_config(weights_path, meta)
@@ -342,9 +358,20 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     model.to(device).eval().requires_grad_(False)
     schedule = config.diffusion.make_schedule().to(device)
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    return LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
-                     sample_kwargs=sample_kwargs(config),
-                     path=weights_path, step=step)
+    run = LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
+                    sample_kwargs=sample_kwargs(config),
+                    path=weights_path, step=step)
+    return _prepared(run, device, fast, amp)
+
+
+def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
+    """``load``'s fast defaults: the autocast mode for the device, channels_last where it helps."""
+    from . import accel
+
+    run.amp = accel.resolve_amp(amp or ("auto" if fast else "off"), device)
+    if fast and isinstance(run.model, torch.nn.Module) and accel.prefers_channels_last(run.model):
+        accel.prepare_model(run.model, channels_last=True)
+    return run
 
 
 def _stored_config(weights_path: Path, meta: dict[str, str]) -> TrainConfig:

@@ -98,7 +98,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Which weights of a run to load, where to run them: every command that loads a run."""
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
-    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--progress", action="store_const", const=True, default=None,
+                   help="progress bars (sampling: on by default when stderr is a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, num_help: str) -> None:
@@ -115,7 +117,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, n
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's preview eta for ddim, else 0)")
     p.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), not on batch size")
     p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch")
-    p.add_argument("--amp", choices=AMP_MODES, default="off", help="bf16 autocast for the network")
+    p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
+                   help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
+                   "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")
     _add_model_args(p)
 
 
@@ -222,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--keep-last", "train.keep_last", int, "checkpoints to keep"),
         ("--log-every", "train.log_every", int, "log (JSONL, progress bar) every N steps"),
         ("--max-minutes", "train.max_minutes", float, "stop and save after this many minutes"),
-        ("--amp", "train.amp", str, "mixed precision: auto (bf16 on CUDA), off, bf16"),
+        ("--amp", "train.amp", str, "autocast: auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, "
+         "else float32), off, bf16, fp16 (default: the preset's)"),
         ("--device", "train.device", str, "auto, cpu, cuda"),
         ("--image-size", "data.image_size", _image_size, "S or HxW: resize and centre-crop the data's images; "
          "the U-Net is sized to match"),
@@ -307,11 +312,20 @@ def resolve_device(name: str) -> str:
 
 
 def load_run(path: str, args):
-    """(LoadedRun, device) for the run, checkpoint or weights file ``path`` and the --device/--no-ema options."""
+    """(LoadedRun, device) for the run, checkpoint or weights file ``path`` and the --device/--no-ema
+    options. Commands with --amp get the run prepared for it (``ddpm.load``'s fast defaults), say
+    which mode they sample in (stdout, with the other status lines; stderr keeps errors one line),
+    and find the resolved mode in ``args.amp`` (reports record it)."""
+    from .accel import describe_amp
     from .checkpoint import load
 
     device = resolve_device(args.device)
-    return load(path, ema=not args.no_ema, device=device), device
+    requested = getattr(args, "amp", None)
+    run = load(path, ema=not args.no_ema, device=device, amp=requested or "off")
+    if requested is not None:
+        args.amp = run.amp
+        print(f"ddpm: sampling on {device} in {describe_amp(run.amp, requested)}", flush=True)
+    return run, device
 
 
 def _size_model_to_data(config, overrides: dict):
@@ -354,12 +368,30 @@ def cmd_train(args) -> int:
     else:
         config = resolve_config(args.preset, args.config, **overrides)
     config = _size_model_to_data(config, overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ddpm: training {config.name} {_training_mode(config)}", flush=True)
     run_dir = train(config, out=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the run's files
         _write_run_report(run_dir)
     print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
           f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
     return 0
+
+
+def _training_mode(config) -> str:
+    """"on cpu in bf16 autocast (auto; ...)": the device and autocast mode the loop will choose
+    (ddpm.training resolves them the same way; a preset's explicit train.amp is kept)."""
+    import torch
+
+    from .accel import describe_amp, resolve_amp
+
+    want = config.train.device
+    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    requested = config.train.amp
+    # an explicit mode may come from the preset or the config file rather than a flag
+    mode = describe_amp(resolve_amp(requested, device), requested,
+                        source=f"train.amp={requested}; --amp auto to choose per device")
+    return f"on {device} in {mode}"
 
 
 def _write_run_report(run_dir: Path) -> None:
@@ -387,7 +419,7 @@ def cmd_sample(args) -> int:
     run, device = load_run(args.path, args)
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     result = sample_batches(run, args.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
-                            amp=args.amp, progress=args.progress, return_trajectory=bool(args.trajectory))
+                            progress=args.progress, return_trajectory=bool(args.trajectory))
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":

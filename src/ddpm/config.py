@@ -120,7 +120,7 @@ class LoopConfig:
     keep_last: int = 3
     max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once it is spent
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal[AMP_CHOICES] = "auto"  # auto = bf16 on CUDA, off on CPU
+    amp: Literal[AMP_CHOICES] = "auto"  # auto = bf16 on CUDA and on CPUs with native bf16, else off (accel.resolve_amp)
     channels_last: bool = False
     compile: bool = False
     num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
