@@ -6,6 +6,7 @@ Layout of a run directory::
     RUN/log.jsonl                   one JSON object per log interval
     RUN/.lock                       held (flock) by the training process writing the run
     RUN/samples/step-0001000.png    previews from the EMA model
+    RUN/analytic.json               Gamma_t of one checkpoint's weights for variance "analytic" (``ddpm analytic``)
     RUN/ckpt-0001000/               one complete checkpoint per saved step (keep-last-K)
         model.safetensors           online weights   } config JSON in the safetensors metadata,
         ema.safetensors             EMA weights      } so either file alone rebuilds its network
@@ -246,10 +247,12 @@ def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 
 def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, *, rank: int = 0,
-                           world: int = 1, grad_scaler=None) -> int:
+                           world: int = 1, timestep_sampler=None, grad_scaler=None) -> int:
     """Load weights, EMA, optimizer and this rank's RNG state from a checkpoint folder; return its step.
 
-    An enabled ``grad_scaler`` (fp16) gets the saved loss scale.
+    ``timestep_sampler`` (a ``LossAwareTimestepSampler``, objective "vlb") gets the saved loss
+    history when the checkpoint has one (a run switched to "vlb" starts with an empty one);
+    likewise an enabled ``grad_scaler`` (fp16) gets the saved loss scale.
 
     The state is validated before use (``training_state.check_state``), so a damaged or crafted
     ``state.pt`` is a one-line UserError rather than a crash in the optimizer's kernels.
@@ -272,7 +275,26 @@ def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Mod
         torch.manual_seed(state["step"] * 7919 + rank)
     if grad_scaler is not None and grad_scaler.is_enabled() and state.get("grad_scaler"):
         grad_scaler.load_state_dict(state["grad_scaler"])
+    if timestep_sampler is not None and "timestep_sampler" in state:
+        _restore_timestep_sampler(timestep_sampler, state["timestep_sampler"], ckpt / "state.pt")
     return state["step"]
+
+
+def _restore_timestep_sampler(sampler, saved, path: Path) -> None:
+    # Checked like the rest of state.pt: a crafted history (counts past the history length, NaN
+    # losses) would otherwise fail later inside update() or skew p_t silently.
+    losses, counts = (saved.get(k) if isinstance(saved, dict) else None for k in ("losses", "counts"))
+    ok = (torch.is_tensor(losses) and torch.is_tensor(counts) and losses.is_floating_point()
+          and not counts.is_floating_point() and bool(torch.isfinite(losses).all())
+          and bool(((counts >= 0) & (counts <= sampler.history)).all()))
+    try:
+        if ok:
+            sampler.load_state_dict(saved)  # checks the shapes against T and the history length
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"checkpoint {path} is not a usable training state: its timestep sampler history is damaged "
+                        f"or of another T")
 
 
 @dataclass
@@ -280,8 +302,10 @@ class LoadedRun:
     """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.shape), **run.sample_kwargs)``.
 
     ``shape`` is one item's shape, (C, H, W) or (dim,); ``sample_kwargs`` holds the run's
-    prediction, variance and clipping, which every sampler accepts. ``amp`` is the autocast mode
-    chosen for the model's device by ``load``: sample under ``with run.autocast(): ...`` to use it.
+    prediction, variance and clipping, which every sampler accepts, and ``analytic`` (the
+    ``AnalyticVariance`` of RUN/analytic.json) when one was estimated for these weights.
+    ``amp`` is the autocast mode chosen for the model's device by ``load``: sample under
+    ``with run.autocast(): ...`` to use it.
     """
 
     model: torch.nn.Module
@@ -358,10 +382,56 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     model.to(device).eval().requires_grad_(False)
     schedule = config.diffusion.make_schedule().to(device)
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+    analytic, _ = read_analytic_variance(weights_path, config.diffusion.timesteps)
     run = LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
-                    sample_kwargs=sample_kwargs(config),
+                    sample_kwargs={**sample_kwargs(config), **({"analytic": analytic} if analytic else {})},
                     path=weights_path, step=step)
     return _prepared(run, device, fast, amp)
+
+
+ANALYTIC_FILE = "analytic.json"
+
+
+def _analytic_location(weights_path: Path) -> tuple[Path | None, str]:
+    # (RUN/analytic.json, the weights' name in RUN) for weights inside a run's checkpoint folder
+    folder = Path(weights_path).parent
+    if not CKPT_RE.match(folder.name):
+        return None, ""
+    return folder.parent / ANALYTIC_FILE, f"{folder.name}/{Path(weights_path).name}"
+
+
+def write_analytic_variance(weights_path: Path, analytic) -> Path:
+    """Save an ``AnalyticVariance`` estimated for the weights ``weights_path`` (in RUN/ckpt-*/) as
+    RUN/analytic.json, atomically, naming those weights: it is used with them alone."""
+    import tempfile
+
+    path, name = _analytic_location(weights_path)
+    if path is None:
+        raise UserError(f"{weights_path} is not inside a run's checkpoint folder (RUN/ckpt-NNNNNNN/); "
+                        f"analytic variances are saved in the run directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        analytic.save(Path(tmp) / ANALYTIC_FILE)
+        doc = json.loads((Path(tmp) / ANALYTIC_FILE).read_text())
+    atomic_write_text(path, json.dumps({**doc, "weights": name}) + "\n")
+    return path
+
+
+def read_analytic_variance(weights_path: Path, timesteps: int):
+    """(AnalyticVariance, "") from RUN/analytic.json when it was estimated for exactly these weights
+    and T, else (None, why not)."""
+    from .analytic import AnalyticVariance
+
+    path, name = _analytic_location(weights_path)
+    if path is None or not path.is_file():
+        return None, f"no {ANALYTIC_FILE} in the run of {weights_path}"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        analytic = AnalyticVariance.load(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"{path} is unreadable ({_first_line(exc)})"
+    if doc.get("weights") != name or analytic.num_timesteps != timesteps:
+        return None, f"{path} was estimated for {doc.get('weights')} (T={analytic.num_timesteps}), not {name}"
+    return analytic, ""
 
 
 def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:

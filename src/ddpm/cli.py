@@ -25,6 +25,8 @@ TRAIN_EXAMPLES = """examples:
   torchrun --nproc_per_node 8 -m ddpm train --preset cifar10 --data cifar10:~/data/cifar10 --out runs/c10
   ddpm train --preset tiny --data folder:~/icons --image-size 24x40 --channels 4   # RGBA, non-square
   ddpm train --preset cifar10 --data hf:~/my-saved-dataset:train --image-column img
+  ddpm train --preset mnist-learned            # learned variances, L_hybrid (same as: --learn-sigma)
+  ddpm train --preset tiny --learn-sigma --objective vlb   # L_vlb alone, t importance-sampled
   ddpm report runs/c10                         # RUN/report.html: loss, lr, previews, metrics, config
 """
 QUICKSTART = """examples:
@@ -39,6 +41,13 @@ SAMPLE_EXAMPLES = """examples:
   ddpm sample runs/c10 --num 50000 --sampler ddim --steps 100 --batch-size 500 --out samples.npz
   ddpm sample runs/c10/ckpt-0800000 --sampler ddpm --num 8 --out x.png --trajectory fig6.png
   ddpm sample ddpm-cifar10-32 --sampler dpm++2m --steps 20 --out x.png   # a downloaded diffusers pipeline
+  ddpm analytic runs/mnist-20250101-120000     # once: RUN/analytic.json, then --variance analytic
+  ddpm sample runs/mnist-20250101-120000 --sampler ddpm --steps 25 --variance analytic --out x.png
+"""
+ANALYTIC_EXAMPLES = """examples:
+  ddpm analytic runs/mnist-20250101-120000 --num 1024
+  ddpm sample runs/mnist-20250101-120000 --sampler ddpm --steps 25 --variance analytic --out x.png
+  ddpm eval nll runs/mnist-20250101-120000 --variance analytic --timesteps 100
 """
 EXPORT_EXAMPLES = """examples:
   ddpm export runs/c10 --format diffusers c10-diffusers   # then DDPMPipeline.from_pretrained("c10-diffusers")
@@ -117,10 +126,20 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, n
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's preview eta for ddim, else 0)")
     p.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), not on batch size")
     p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch")
+    _add_variance_arg(p)
     p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
                    help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
                    "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")
     _add_model_args(p)
+
+
+def _add_variance_arg(p: argparse.ArgumentParser) -> None:
+    from .diffusion import VARIANCES
+
+    p.add_argument("--variance", choices=VARIANCES, default=None,
+                   help="reverse variance sigma_t^2 of ancestral sampling and the bound (default: the run's): "
+                   "fixed_small (beta~), fixed_large (beta), learned_range (a --learn-sigma run), analytic "
+                   "(after `ddpm analytic RUN`)")
 
 
 def _eval_command(name: str):
@@ -174,7 +193,7 @@ def _add_eval_parsers(e: argparse.ArgumentParser, fmt) -> None:
     p.add_argument("--timesteps", default="all", help="'all' (T model calls per item) or K stratified timesteps")
     p.add_argument("--batch-size", type=_positive, default=128, help="data items per network batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps of the estimate")
-    p.add_argument("--variance", default=None, choices=("fixed_small", "fixed_large"), help="default: the run's")
+    _add_variance_arg(p)
     p.add_argument("--clip-denoised", action="store_true", help="clip x0 predictions to [-1, 1] in the model mean")
     p.add_argument("--out", default=None, help=report)
     _add_model_args(p)
@@ -199,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
                      formatter_class=fmt, epilog=QUICKSTART)
     parser.set_defaults(func=None)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export,report,analytic}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES, description="Train a DDPM. Flags override the config file, which overrides the preset.")
@@ -221,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--schedule", "diffusion.schedule", str, f"beta schedule: {', '.join(SCHEDULES)} (seed names)"),
         ("--timesteps", "diffusion.timesteps", int, "T"),
         ("--prediction", "diffusion.prediction", str, "network target: eps, x0, v"),
+        ("--variance", "diffusion.variance", str, "reverse variance: fixed_small, fixed_large, learned_range "
+         "(sets --learn-sigma), analytic (estimated after training: ddpm analytic RUN)"),
+        ("--objective", "diffusion.objective", str, "simple (L_simple; L_hybrid with learned variances) or vlb "
+         "(L_vlb alone, t importance-sampled)"),
         ("--sample-every", "train.sample_every", int, "preview grid every N steps (0 = only at the end)"),
         ("--ckpt-every", "train.ckpt_every", int, "checkpoint every N steps (0 = only at the end)"),
         ("--keep-last", "train.keep_last", int, "checkpoints to keep"),
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, key, typ, help_ in flags:
         t.add_argument(flag, dest="ov:" + key, type=typ, default=None, help=help_,
                        metavar=flag.lstrip("-").replace("-", "_").upper())
+    t.add_argument("--learn-sigma", dest="ov:model.learn_sigma", action="store_const", const=True,
+                   help="the network also outputs its variances (2C channels), read by --variance learned_range")
     t.add_argument("--compile", dest="ov:train.compile", action="store_const", const=True, help="torch.compile the model")
     t.add_argument("--channels-last", dest="ov:train.channels_last", action="store_const", const=True, help="NHWC layout")
     t.add_argument("--hflip", dest="ov:data.hflip", action=argparse.BooleanOptionalAction, default=None,
@@ -287,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     r.add_argument("run", help="run directory")
     r.add_argument("--out", help="HTML file (default: RUN/report.html)")
+
+    a = sub.add_parser("analytic", help="estimate a run's analytic reverse variances into RUN/analytic.json",
+                       formatter_class=fmt, epilog=ANALYTIC_EXAMPLES,
+                       description="Analytic-DPM (Bao et al. 2022): estimate Gamma_t = E||eps_theta(x_t, t)||^2 / d "
+                       "at every timestep on the run's training data and save it as RUN/analytic.json for these "
+                       "weights; --variance analytic then samples and evaluates with the optimal reverse variance.")
+    a.set_defaults(func=_eval_command("analytic"))
+    a.add_argument("run", help="run directory or ckpt-NNNNNNN folder")
+    a.add_argument("--data", default=None, help="data source spec (default: the run's training data)")
+    a.add_argument("--num", type=_positive, default=256, help="training examples averaged (default: 256); "
+                   "cost: T * num / batch-size network calls")
+    a.add_argument("--batch-size", type=_positive, default=128, help="examples per network batch")
+    a.add_argument("--seed", type=int, default=0, help="seed of the examples drawn and their noise")
+    _add_model_args(a)
     return parser
 
 
@@ -360,6 +399,12 @@ def cmd_train(args) -> int:
         if not eq:
             raise UserError(f"--set needs KEY=VALUE, got {item!r}")
         overrides[key.strip()] = _json_value(value)
+    # The variance channels and the variance that reads them go together: either flag sets both.
+    variance = overrides.get("diffusion.variance")
+    if variance is None and overrides.get("model.learn_sigma") is True:
+        overrides["diffusion.variance"] = "learned_range"
+    elif variance is not None and "model.learn_sigma" not in overrides:
+        overrides["model.learn_sigma"] = variance == "learned_range"
     if args.resume and not args.out:
         raise UserError("--resume needs --out RUN_DIR (the run to continue)")
     saved = Path(args.out) / "config.json" if args.out else None
@@ -412,12 +457,14 @@ def cmd_sample(args) -> int:
 
     from . import viz
     from .batch_sampling import sample_batches, sampler_settings
+    from .cli_eval import apply_variance
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {out.name!r}")
     run, device = load_run(args.path, args)
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
+    apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     result = sample_batches(run, args.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
                             progress=args.progress, return_trajectory=bool(args.trajectory))
     x0, trajectory = result if args.trajectory else (result, None)

@@ -1,20 +1,58 @@
-"""``ddpm eval fid|nll|toy``: the commands over ``ddpm.evaluate`` and ``ddpm.nll``.
+"""``ddpm eval fid|nll|toy`` and ``ddpm analytic``: the commands over ``ddpm.evaluate``,
+``ddpm.nll`` and ``ddpm.analytic``, and ``--variance`` (``apply_variance``, also ``ddpm sample``'s).
 
 Their options are defined in ``ddpm.cli`` with every other command's (one parser; the sampling
 options are shared with ``ddpm sample``). User mistakes raise ``UserError`` (the CLI prints
-``ddpm: error: ...`` and exits 2); every command prints a summary line and writes a JSON report
-(path printed) next to the run or the sample file.
+``ddpm: error: ...`` and exits 2); every eval command prints a summary line and writes a JSON
+report (path printed) next to the run or the sample file.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cli import load_run, resolve_device
 from .errors import UserError
+
+
+class PredictionChannels(torch.nn.Module):
+    """The prediction (the first C of 2C output channels, ../shared/DESIGN.md) of a network with
+    learned variances: its mean alone, to sample or bound with a fixed or analytic variance."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = getattr(net, "num_classes", None)  # conditional networks stay conditional
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *labels) -> torch.Tensor:
+        return self.net(x, t, *labels)[:, : x.shape[1]]
+
+
+def apply_variance(run, variance: str | None, *, used: bool = True) -> None:
+    """--variance: sample and bound ``run`` with this reverse variance (None: the run's own), set in
+    ``run.sample_kwargs``. ``used``: whether the sampler reads it (ddim and dpm++2m do not, and need
+    no analytic table). A one-line UserError when the run cannot provide the variance."""
+    from .checkpoint import read_analytic_variance
+    from .evaluate import run_dir_of
+
+    kwargs = run.sample_kwargs
+    variance = variance or kwargs["variance"]
+    learned = bool(getattr(run.config.model, "learn_sigma", False))
+    if variance == "learned_range" and not learned:
+        raise UserError("variance 'learned_range' needs a network that outputs variances (ddpm train --learn-sigma); "
+                        "this run's does not: use fixed_small, fixed_large or analytic")
+    if learned and variance != "learned_range" and not isinstance(run.model, PredictionChannels):
+        run.model = PredictionChannels(run.model)
+    if variance == "analytic" and used and "analytic" not in kwargs:
+        _, why = read_analytic_variance(run.path, run.schedule.num_timesteps)
+        raise UserError(f"variance 'analytic' needs Gamma_t estimated for these weights ({why}); make it with: "
+                        f"ddpm analytic {run_dir_of(run)}")
+    kwargs["variance"] = variance
 
 
 def _slug(text: str) -> str:
@@ -31,14 +69,21 @@ def _draw(run, device, num: int, args, batch_size: int):
     from .batch_sampling import sample_batches, sampler_settings
 
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
+    apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     x0 = sample_batches(run, num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
                         progress=args.progress)
     return x0, settings
 
 
+def _variance_tag(args) -> str:
+    # report names stay as they were unless --variance chose another than the run's
+    return f"-{args.variance}" if args.variance else ""
+
+
 def _run_fields(args, path: str, run, settings) -> dict:
     return {"run": str(Path(path).resolve()), "checkpoint": str(run.path), "step": run.step,
-            "sampler": settings.sampler, "steps": settings.steps, "eta": settings.eta, "seed": args.seed,
+            "sampler": settings.sampler, "steps": settings.steps, "eta": settings.eta,
+            "variance": run.sample_kwargs["variance"], "seed": args.seed,
             "amp": args.amp, "ema": not args.no_ema}
 
 
@@ -59,7 +104,7 @@ def cmd_fid(args) -> int:
         samples, settings = _draw(run, device, num, args, args.sample_batch_size or args.batch_size)
         images = to_uint8(samples)
         run_dir = run_dir_of(run)
-        tag = f"{settings.sampler}-{settings.steps}-n{num}-seed{args.seed}"
+        tag = f"{settings.sampler}-{settings.steps}{_variance_tag(args)}-n{num}-seed{args.seed}"
         extra = _run_fields(args, args.source, run, settings)
         if not args.no_save_samples:
             samples_path = run_dir / "eval" / f"samples-{tag}.npz"
@@ -115,6 +160,7 @@ def cmd_nll(args) -> int:
     if args.timesteps != "all" and not args.timesteps.isdigit():
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
     run, device = load_run(args.run, args)
+    apply_variance(run, args.variance)
     spec = _data_spec(args, run)
     shape = tuple(run.shape)
     if spec.startswith("toy:"):
@@ -131,16 +177,17 @@ def cmd_nll(args) -> int:
             data = open_source(spec, image_size=shape[-1], channels=shape[0], split=args.split)
         decoder = "discretized"
     K = None if args.timesteps == "all" else int(args.timesteps)
-    variance = args.variance or run.sample_kwargs.get("variance", "fixed_large")
+    variance = run.sample_kwargs["variance"]
     out = nll_bpd(run.model, run.schedule, data, num_timesteps=K, batch_size=args.batch_size, num=args.num,
                   generator=torch.Generator(device).manual_seed(args.seed),
                   prediction=run.sample_kwargs.get("prediction", "eps"), variance=variance,
+                  analytic=run.sample_kwargs.get("analytic"),
                   clip_denoised=args.clip_denoised, decoder=decoder, device=device, progress=args.progress)
     out.pop("bpd_per_example")
     report = {"metric": "nll", **out, "data": spec, "split": args.split if decoder == "discretized" else None,
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
               "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
-    name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}.json"
+    name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}{_variance_tag(args)}.json"
     path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
     _print_report(path, f"NLL <= {out['bpd']:.4f} +- {out['stderr']:.4f} bits/dim ({out['estimate']}, "
                         f"{out['num_examples']} items; prior {out['prior_bpd']:.5f}, decoder {out['decoder_bpd']:.4f})")
@@ -159,7 +206,7 @@ def cmd_toy(args) -> int:
     samples, settings = _draw(run, device, args.num, args, args.batch_size)
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
     report.update(_run_fields(args, args.run, run, settings))
-    name = f"toy-{settings.sampler}-{settings.steps}-n{args.num}.json"
+    name = f"toy-{settings.sampler}-{settings.steps}{_variance_tag(args)}-n{args.num}.json"
     path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "
@@ -167,4 +214,33 @@ def cmd_toy(args) -> int:
     if "log_likelihood" in report:
         line += f", mean log p {report['log_likelihood']['mean']:.3f} (truth {base['log_likelihood']['mean']:.3f})"
     _print_report(path, line)
+    return 0
+
+
+def cmd_analytic(args) -> int:
+    """Estimate Gamma_t (Bao et al. 2022, Theorem 1) for a run's weights on its training data and
+    save RUN/analytic.json, which ``ddpm.load`` attaches to those weights (``variance="analytic"``)."""
+    from .analytic import analytic_variance
+    from .checkpoint import CKPT_RE, write_analytic_variance
+    from .data import open_source
+
+    run, device = load_run(args.run, args)
+    if not CKPT_RE.match(Path(run.path).parent.name):  # before minutes of network calls
+        raise UserError(f"{args.run}: analytic variances are saved in a run directory (RUN/ckpt-NNNNNNN/); "
+                        f"{run.path} is not in one")
+    spec = _data_spec(args, run)
+    cfg = run.config.data
+    # Gamma_t is an expectation over q(x0): the training data, on the scale the model was trained on.
+    data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels)
+    if tuple(data.shape) != tuple(run.shape):
+        raise UserError(f"data {spec!r} has items of shape {tuple(data.shape)}, the model takes {tuple(run.shape)}")
+    learned = bool(getattr(run.config.model, "learn_sigma", False))
+    analytic = analytic_variance(PredictionChannels(run.model) if learned else run.model, run.schedule, data,
+                                 num=args.num, batch_size=args.batch_size, prediction=run.sample_kwargs["prediction"],
+                                 data_range=None if spec.startswith("toy:") else (-1.0, 1.0),
+                                 generator=torch.Generator().manual_seed(args.seed), device=device,
+                                 progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    path = write_analytic_variance(run.path, analytic)
+    print(f"ddpm: wrote {path}: Gamma_t at all {analytic.num_timesteps} timesteps for {run.path}, from "
+          f"{analytic.num_examples} examples of {spec}; use it with --variance analytic (ddpm sample, ddpm eval nll)")
     return 0

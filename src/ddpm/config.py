@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .accel import AMP_MODES
-from .diffusion import PREDICTIONS, VARIANCES, WEIGHTINGS
+from .diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
 from .errors import UserError
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES
@@ -60,6 +60,10 @@ class DiffusionConfig:
     rescale_zero_terminal_snr: bool = False
     variance: Literal[VARIANCES] = "fixed_small"  # sigma_t^2 used by ancestral sampling
     clip_denoised: bool = True
+    # L_simple (L_hybrid = L_simple + vlb_weight * L_vlb with learned variances), or L_vlb alone with
+    # loss-aware sampling of t (Nichol & Dhariwal 2021, sections 3.1 and 3.3)
+    objective: Literal[OBJECTIVES] = "simple"
+    vlb_weight: float = 0.001
 
     def __post_init__(self):
         _check_literals(self)
@@ -70,6 +74,14 @@ class DiffusionConfig:
             not (self.rescale_zero_terminal_snr and self.prediction == "eps"),
             "rescale_zero_terminal_snr needs prediction 'v' or 'x0' (eps cannot recover x0 at zero SNR)",
         )
+        _require(self.vlb_weight >= 0, f"vlb_weight must be >= 0, got {self.vlb_weight}")
+        # L_vlb with a fixed variance is the DDPM paper's "true bound" ablation (its Table 2) and is
+        # allowed; the analytic variance exists only after training, so nothing could train it.
+        _require(not (self.objective == "vlb" and self.variance == "analytic"),
+                 "objective 'vlb' needs a variance to train with: analytic variances are estimated after training "
+                 "(ddpm analytic RUN); use variance learned_range (or fixed_small/fixed_large)")
+        _require(not (self.objective == "vlb" and self.weighting != "simple"),
+                 f"weighting {self.weighting!r} weights L_simple; objective 'vlb' needs weighting 'simple'")
 
     def make_schedule(self):
         from .schedules import NoiseSchedule
@@ -217,6 +229,16 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
 
+    def __post_init__(self):
+        # The network's variance channels and the variance that reads them go together (eq. 15).
+        learn, variance = bool(getattr(self.model, "learn_sigma", False)), self.diffusion.variance
+        _require(learn or variance != "learned_range",
+                 "diffusion.variance 'learned_range' needs a network that outputs variances: set model.learn_sigma "
+                 "(--learn-sigma)")
+        _require(not learn or variance == "learned_range",
+                 f"model.learn_sigma outputs variances that only diffusion.variance 'learned_range' reads, not "
+                 f"{variance!r}; set both or neither")
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["model"] = {"type": model_type(self.model), **dataclasses.asdict(self.model)}
@@ -242,6 +264,8 @@ class TrainConfig:
             if leaf not in node:
                 raise UserError(f"unknown config key {key!r}")
             node[leaf] = value
+        if "model.learn_sigma" in dotted and "model.out_channels" not in dotted and "out_channels" in d["model"]:
+            d["model"]["out_channels"] = None  # re-derived: C, or 2C with learned variances
         return TrainConfig.from_dict(d)
 
 

@@ -29,8 +29,11 @@ class MLPConfig:
     time_embed_dim: int = 64
     dropout: float = 0.0
     num_classes: int | None = None  # class-conditional with labels 0..num_classes-1 (+ the null label)
+    learn_sigma: bool = False  # also output the variance interpolation v (B, dim): (B, 2 dim) in all
 
     def __post_init__(self) -> None:
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"MLPConfig.learn_sigma must be true or false, got {self.learn_sigma!r}")
         for name in ("dim", "hidden", "depth", "time_embed_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -61,7 +64,8 @@ class _Block(nn.Module):
 
 class MLPDenoiser(nn.Module):
     """``forward(x (B, dim), t (B,), labels (B,) = None) -> (B, dim)``: the eps (or x0, v) prediction
-    for points; ``labels`` only for a class-conditional config (None there is the null label)."""
+    for points; ``labels`` only for a class-conditional config (None there is the null label).
+    With ``learn_sigma`` the output is (B, 2 dim): the prediction, then the variance values v."""
 
     def __init__(self, config: MLPConfig | None = None):
         super().__init__()
@@ -76,7 +80,7 @@ class MLPDenoiser(nn.Module):
         self.fc_in = nn.Linear(c.dim, c.hidden)
         self.blocks = nn.ModuleList(_Block(c.hidden, c.dropout) for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.hidden)
-        self.fc_out = nn.Linear(c.hidden, c.dim)
+        self.fc_out = nn.Linear(c.hidden, c.dim * (2 if c.learn_sigma else 1))
         # Each residual branch starts at zero, so the network starts as a small smooth map.
         for block in self.blocks:
             nn.init.zeros_(block.fc2.weight)

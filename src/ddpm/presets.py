@@ -2,7 +2,7 @@
 
 Layers of a resolved config, later ones winning::
 
-    preset (mnist, cifar10, toy2d, tiny)  <-  config file (TOML / YAML / JSON)  <-  command-line flags
+    preset (mnist, cifar10, toy2d, tiny, mnist-learned)  <-  config file (TOML / YAML / JSON)  <-  flags
 
 Each recipe is a small function in :data:`RECIPES` returning a fresh ``TrainConfig``. The U-Net
 recipes take their network from ``ddpm.unet.PRESETS`` under the same name, so
@@ -12,6 +12,7 @@ itself (``TrainConfig`` and one dataclass per concern) lives in ``ddpm.config``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,17 @@ def _mnist() -> TrainConfig:
         sample=SampleConfig(sampler="ddpm", steps=100, num=64),
         name="mnist",
     )
+
+
+def _mnist_learned() -> TrainConfig:
+    """The ``mnist`` recipe with learned variances (Nichol & Dhariwal 2021): the same network with
+    its output doubled (``learn_sigma``, 2 channels: eps and the eq. 15 interpolation v), trained
+    with L_hybrid = L_simple + 0.001 L_vlb (the L_simple part min-SNR weighted as in ``mnist``) and
+    sampled with ``variance="learned_range"``; same steps, time budget and previews.
+    """
+    c = _mnist()
+    return dataclasses.replace(c, model=preset_config("mnist-learned"), name="mnist-learned",
+                               diffusion=dataclasses.replace(c.diffusion, variance="learned_range"))
 
 
 def _cifar10() -> TrainConfig:
@@ -90,7 +102,8 @@ def _tiny() -> TrainConfig:
     )
 
 
-RECIPES: dict[str, Callable[[], TrainConfig]] = {"mnist": _mnist, "cifar10": _cifar10, "toy2d": _toy2d, "tiny": _tiny}
+RECIPES: dict[str, Callable[[], TrainConfig]] = {"mnist": _mnist, "cifar10": _cifar10, "toy2d": _toy2d, "tiny": _tiny,
+                                                 "mnist-learned": _mnist_learned}
 PRESETS = tuple(RECIPES)
 
 
@@ -107,5 +120,8 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     preset = preset or file_dict.pop("preset", None) or "mnist"
     file_dict.pop("preset", None)
     base = get_preset(preset).to_dict()
+    model = file_dict.get("model")
+    if isinstance(model, dict) and "learn_sigma" in model and "out_channels" not in model and "out_channels" in base["model"]:
+        base["model"]["out_channels"] = None  # re-derived from learn_sigma: C, or 2C with learned variances
     config = TrainConfig.from_dict(merge_dicts(base, file_dict))
     return config.override(**{k: v for k, v in overrides.items() if v is not None})

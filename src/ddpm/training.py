@@ -6,6 +6,8 @@ do. One optimizer step (``_optimizer_step``)::
     t ~ U{0..T-1}, eps ~ N(0, I), flip ~ B(1/2)    Algorithm 1, lines 3-4, drawn for the whole
                                                    global batch B from a generator seeded by
                                                    (seed, step); flips only with data.hflip
+                                                   (objective "vlb": t ~ p_t of the loss
+                                                   history, on the CPU, weights 1 / (T p_t))
     for each of grad_accum micro-batches:          (B = micro-batch * grad_accum * world size)
         x0 ~ q(x0)                                 line 2: index stream shared by all ranks,
                                                    sliced per rank
@@ -65,6 +67,7 @@ from .errors import UserError
 from .loader import IndexStream, Prefetcher
 from .rundir import RunLock, atomic_write_text, sweep_temporaries
 from .runlog import RunLog
+from .timestep_sampling import LossAwareTimestepSampler
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "IndexStream"]
 
@@ -143,9 +146,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     step: int  # optimizer steps completed (skipped non-finite ones included)
     scaler: torch.amp.GradScaler  # loss scaling under fp16 (disabled: every call a pass-through)
+    timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
 
     def __post_init__(self):
         self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
+        self.t_gen = torch.Generator()  # the same seed, on the CPU where the loss-aware sampler draws
         self.saved_step = self.step  # the step of the newest checkpoint written or resumed from
         self.nonfinite_run = torch.zeros((), device=self.device)  # skipped steps in a row, on the device
         # fused Adam skips a step on the device when told found_inf (see the module docstring)
@@ -193,10 +198,13 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     optimizer = accel.make_optimizer(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                      weight_decay=config.optim.weight_decay, eps=config.optim.eps)
     step = 0
+    # Same history on every rank: each records the whole global batch (_record_vlb_losses).
+    timestep_sampler = (LossAwareTimestepSampler(config.diffusion.timesteps)
+                        if config.diffusion.objective == "vlb" else None)
     scaler = accel.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
     if latest is not None:
         step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world,
-                                      grad_scaler=scaler)
+                                      timestep_sampler=timestep_sampler, grad_scaler=scaler)
     else:
         torch.manual_seed(c.seed + rank)  # dropout differs per rank, as with independent shards
     accel.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
@@ -206,7 +214,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
-                scaler=scaler)
+                scaler=scaler, timestep_sampler=timestep_sampler)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
@@ -298,12 +306,18 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
     # (seed, step): ranks and accumulation micro-steps take their slices.
     r.noise_gen.manual_seed(c.seed * 1_000_003 + r.step)
     shape = item_shape(config)
-    t_all = torch.randint(0, r.schedule.num_timesteps, (c.batch_size,), device=r.device, generator=r.noise_gen)
+    d, vlb = config.diffusion, r.timestep_sampler is not None
+    if vlb:  # L_vlb: t ~ p_t from the loss history, examples weighted 1 / (T p_t) (Nichol & Dhariwal, 3.3)
+        r.t_gen.manual_seed(c.seed * 1_000_003 + r.step)
+        t_all, w_all = r.timestep_sampler.sample(c.batch_size, generator=r.t_gen, device=r.device)
+    else:
+        t_all = torch.randint(0, r.schedule.num_timesteps, (c.batch_size,), device=r.device, generator=r.noise_gen)
     eps_all = torch.randn((c.batch_size, *shape), device=r.device, generator=r.noise_gen)
     flip_all = torch.rand(c.batch_size, device=r.device, generator=r.noise_gen) < 0.5
     micro_global = c.batch_size // c.grad_accum
     micro_local = micro_global // r.world
     step_loss = torch.zeros((), device=r.device)
+    vlb_losses = []  # this rank's per-example L_vlb, in batch order
     for micro in range(c.grad_accum):
         x0 = r.loader.get(r.step * c.grad_accum + micro)  # Algorithm 1, line 2
         lo = micro * micro_global + r.rank * micro_local
@@ -315,8 +329,13 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
         sync = r.world == 1 or micro == c.grad_accum - 1  # DDP all-reduces gradients once, at the last
         with (contextlib.nullcontext() if sync else r.net.no_sync()), accel.autocast(r.device, r.amp):
             # Algorithm 1, line 5: ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2
-            loss = training_loss(r.net, r.schedule, x0, t=t, noise=eps, prediction=config.diffusion.prediction,
-                                 weighting=config.diffusion.weighting, min_snr_gamma=config.diffusion.min_snr_gamma)
+            # (+ vlb_weight * L_vlb with learned variances: L_hybrid; or L_vlb alone)
+            loss = training_loss(r.net, r.schedule, x0, t=t, noise=eps, prediction=d.prediction,
+                                 weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, variance=d.variance,
+                                 objective=d.objective, vlb_weight=d.vlb_weight, reduction="none" if vlb else "mean")
+            if vlb:
+                vlb_losses.append(loss.detach())
+                loss = (loss * w_all[lo:lo + micro_local]).mean()
         r.scaler.scale(loss / c.grad_accum).backward()  # fp16: scaled so small gradients do not flush to 0
         step_loss += loss.detach().float() / c.grad_accum
     r.scaler.unscale_(r.optimizer)  # fp16: true gradients again (and the scaler notes any inf)
@@ -330,11 +349,25 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     flags[1] *= 1 - flags[0]  # a step is one or the other
     skip = flags.sum()
+    if vlb:
+        _record_vlb_losses(r, t_all, torch.cat(vlb_losses), skip)
     _apply_update(r, skip, _ema_decay_at(config, r.step))
     r.scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
     log.add(step_loss, flags)
     r.nonfinite_run.add_(flags[0]).mul_(skip)  # +1 if non-finite, kept if overflow, 0 if applied
     return grad_norm
+
+
+def _record_vlb_losses(r: _Run, t_all: torch.Tensor, mine: torch.Tensor, skip: torch.Tensor) -> None:
+    """Add the step's L_vlb per example to the loss history, unless the step is skipped. Every rank
+    records the whole global batch in its order (micro-step, rank, example), so all ranks keep the
+    same history, and N ranks the history of one process with the same global batch."""
+    if r.world > 1:
+        parts = [torch.empty_like(mine) for _ in range(r.world)]
+        dist.all_gather(parts, mine)
+        mine = torch.stack(parts).view(r.world, r.config.train.grad_accum, -1).transpose(0, 1).reshape(-1)
+    if not skip.item():  # a non-finite loss would fix p_t for its next 10 visits
+        r.timestep_sampler.update(t_all, mine)
 
 
 def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
@@ -402,19 +435,27 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
         from .evaluate import periodic_eval
 
         periodic_eval(r.ema, r.schedule, r.config.eval, step=step, run_dir=r.run_dir, shape=item_shape(r.config),
-                      sample_kwargs=sample_kwargs(r.config), data=r.dataset, device=r.device)
+                      sample_kwargs=_preview_kwargs(r.config), data=r.dataset, device=r.device)
+
+
+def _preview_kwargs(config: TrainConfig) -> dict:
+    """The run's sampling options for previews and periodic evaluation; an analytic variance has no
+    table before ``ddpm analytic`` estimates one after training, so they use fixed_small meanwhile."""
+    kwargs = sample_kwargs(config)
+    if kwargs["variance"] == "analytic":
+        kwargs["variance"] = "fixed_small"
+    return kwargs
 
 
 def _save_preview(r: _Run, path: Path) -> None:
     from . import viz
     from .samplers import sample
 
-    s, shape, d = r.config.sample, item_shape(r.config), r.config.diffusion
+    s, shape = r.config.sample, item_shape(r.config)
     n = s.num if len(shape) == 1 else min(s.num, 64)
     with torch.no_grad(), accel.autocast(r.device, r.amp):
         x0 = sample(r.ema, r.schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
-                    generator=r.config.train.seed, device=r.device, prediction=d.prediction, variance=d.variance,
-                    clip_denoised=d.clip_denoised)
+                    generator=r.config.train.seed, device=r.device, **_preview_kwargs(r.config))
     path.parent.mkdir(parents=True, exist_ok=True)
     x0 = x0.float().cpu()
     viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path)
@@ -429,6 +470,8 @@ def _checkpoint(r: _Run) -> None:
         c = r.config.train
         state = {"step": r.step, "optimizer": r.optimizer.state_dict(), "data_position": r.step * c.grad_accum,
                  "rng": _rng_states(r.rank, r.world), "world_size": r.world}
+        if r.timestep_sampler is not None:  # the loss history: a resumed run draws the same t
+            state["timestep_sampler"] = r.timestep_sampler.state_dict()
         if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
             state["grad_scaler"] = r.scaler.state_dict()
         save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last)

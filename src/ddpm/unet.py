@@ -49,7 +49,11 @@ class UNetConfig:
     """Architecture of a :class:`UNet` (saved in checkpoints; lists are turned into tuples).
 
     ``attn_resolutions`` are feature-map sizes (e.g. 16 means the 16x16 level of a 32x32 model).
-    ``out_channels`` defaults to ``in_channels`` (twice that for a learned variance).
+    ``out_channels`` defaults to ``in_channels``. ``learn_sigma`` makes the network also output
+    its reverse variances (Nichol & Dhariwal 2021): out_channels is then 2 * in_channels, the
+    prediction and the interpolation v of eq. 15 (``diffusion.variance="learned_range"``); an
+    ``out_channels`` equal to ``in_channels`` (a preset's) is doubled, and a network configured
+    with 2 * in_channels outputs (a converted diffusers learned_range model) has learn_sigma set.
     ``norm_groups`` is the GroupNorm group count (32 in the paper); every channel count of the
     network must be divisible by it, so small models use fewer groups.
     ``flip_sin_to_cos`` and ``freq_shift`` pick the timestep embedding's convention (diffusers'
@@ -74,12 +78,20 @@ class UNetConfig:
     flip_sin_to_cos: bool = False
     freq_shift: float = 1.0
     num_classes: int | None = None
+    learn_sigma: bool = False
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        if self.out_channels is None:
-            self.out_channels = self.in_channels
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"UNetConfig.learn_sigma must be true or false, got {self.learn_sigma!r}")
+        if self.learn_sigma and self.out_channels not in (None, self.in_channels, 2 * self.in_channels):
+            raise ValueError(f"UNetConfig.learn_sigma needs out_channels = 2 * in_channels = {2 * self.in_channels} "
+                             f"(prediction and variance channels), got {self.out_channels}")
+        if self.out_channels is None or (self.learn_sigma and self.out_channels == self.in_channels):
+            self.out_channels = self.in_channels * (2 if self.learn_sigma else 1)
+        # One truth: a network with 2C outputs learns its variances, however it was configured.
+        self.learn_sigma = self.out_channels == 2 * self.in_channels
         if isinstance(self.image_size, (tuple, list)):
             self.image_size = tuple(self.image_size)  # kept as given (JSON gives a list back)
         try:
@@ -147,6 +159,8 @@ PRESETS: dict[str, UNetConfig] = {
     # (28 -> 14 -> 7), which buys more steps per minute (docs/mnist-recipe.md); attention only in
     # the middle. No dropout: a short run underfits rather than overfits.
     "mnist": UNetConfig(1, 1, 28, 16, (1, 2, 4), 1, (), 0.0, norm_groups=8, mid_attn=True),
+    # The same network with learned variances: only its output convolution doubles (2 channels).
+    "mnist-learned": UNetConfig(1, 2, 28, 16, (1, 2, 4), 1, (), 0.0, norm_groups=8, mid_attn=True, learn_sigma=True),
     # For tests and smoke runs on MNIST-sized images: one block per level, no attention; a
     # forward pass takes milliseconds.
     "tiny": UNetConfig(1, 1, 28, 8, (1, 2), 1, (), 0.0, norm_groups=4, mid_attn=False),
