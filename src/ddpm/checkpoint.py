@@ -306,6 +306,8 @@ class LoadedRun:
     ``AnalyticVariance`` of RUN/analytic.json) when one was estimated for these weights.
     ``amp`` is the autocast mode chosen for the model's device by ``load``: sample under
     ``with run.autocast(): ...`` to use it.
+    ``num_classes`` and ``class_names`` describe a class-conditional run (None otherwise): sample
+    class k with ``ddpm.sample(..., labels=k, guidance=w)``.
     """
 
     model: torch.nn.Module
@@ -323,6 +325,18 @@ class LoadedRun:
 
         param = next(iter(self.model.parameters()), None) if isinstance(self.model, torch.nn.Module) else None
         return autocast(param.device if param is not None else "cpu", self.amp)
+
+    @property
+    def num_classes(self) -> int | None:
+        """K of a class-conditional model (labels 0..K-1; K is the null label), None if unconditional."""
+        return getattr(self.config.model, "num_classes", None)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The names of classes 0..K-1 (the data's, else "0".."K-1"), None if unconditional."""
+        if self.num_classes is None:
+            return None
+        return tuple(self.config.data.class_names or (str(k) for k in range(self.num_classes)))
 
 
 def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:

@@ -27,6 +27,8 @@ TRAIN_EXAMPLES = """examples:
   ddpm train --preset cifar10 --data hf:~/my-saved-dataset:train --image-column img
   ddpm train --preset mnist-learned            # learned variances, L_hybrid (same as: --learn-sigma)
   ddpm train --preset tiny --learn-sigma --objective vlb   # L_vlb alone, t importance-sampled
+  ddpm train --preset mnist-cond --out runs/mnist-cond     # class-conditional, classifier-free guidance
+  ddpm train --preset tiny --data folder:~/pets --classes auto   # one class per sub-folder of ~/pets
   ddpm report runs/c10                         # RUN/report.html: loss, lr, previews, metrics, config
 """
 QUICKSTART = """examples:
@@ -43,6 +45,17 @@ SAMPLE_EXAMPLES = """examples:
   ddpm sample ddpm-cifar10-32 --sampler dpm++2m --steps 20 --out x.png   # a downloaded diffusers pipeline
   ddpm analytic runs/mnist-20250101-120000     # once: RUN/analytic.json, then --variance analytic
   ddpm sample runs/mnist-20250101-120000 --sampler ddpm --steps 25 --variance analytic --out x.png
+  ddpm sample runs/mnist-cond --class 7 --guidance 3 --num 16 --out sevens.png
+  ddpm sample runs/mnist-cond --class all --per-class 10 --out digits.png   # one row per class
+"""
+INPAINT_EXAMPLES = """examples:
+  ddpm inpaint runs/mnist-cond --image digit.png --mask mask.png --out filled.png
+  ddpm inpaint runs/mnist-cond --image digit.png --mask mask.png --class 3 --guidance 3 --num 4 --out threes.png
+  ddpm inpaint runs/mnist --image digit.png --mask mask.png --resample 1 --out replaced.png   # no resampling
+"""
+INTERPOLATE_EXAMPLES = """examples:
+  ddpm interpolate runs/mnist a.png b.png --frames 8 --out strip.png
+  ddpm interpolate runs/mnist a.png b.png --frames 8 --method noised --t 500 --out strip.png   # DDPM Fig. 8
 """
 ANALYTIC_EXAMPLES = """examples:
   ddpm analytic runs/mnist-20250101-120000 --num 1024
@@ -94,6 +107,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _classes(text: str):
+    """--classes: 'auto' or a positive number of classes."""
+    return text if text == "auto" else _positive(text)
+
+
+def _frames(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 frames (the two ends), got {text!r}")
+    return value
+
+
 def _image_size(text: str):
     """--image-size: S (square) or HxW (height x width), positive integers."""
     parts = text.lower().replace(",", "x").split("x")
@@ -126,11 +151,20 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, n
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's preview eta for ddim, else 0)")
     p.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), not on batch size")
     p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch")
+    _add_class_args(p, "class-conditional runs: a class index 0..K-1 or name, or 'all' (one row per class); "
+                    "default: each sample's label drawn uniformly from its own seed")
     _add_variance_arg(p)
     p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
                    help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
                    "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")
     _add_model_args(p)
+
+
+def _add_class_args(p: argparse.ArgumentParser, class_help: str) -> None:
+    """--class and --guidance: one definition for sample, eval, inpaint and interpolate."""
+    p.add_argument("--class", dest="cls", metavar="CLASS", default=None, help=class_help)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w: eps_null + "
+                   "w (eps_class - eps_null); 1 plain conditional, 0 unconditional (default: the run's sample.guidance)")
 
 
 def _add_variance_arg(p: argparse.ArgumentParser) -> None:
@@ -218,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
                      formatter_class=fmt, epilog=QUICKSTART)
     parser.set_defaults(func=None)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,schedules,eval,export,report,analytic}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{train,sample,schedules,eval,export,report,analytic,inpaint,interpolate}")
 
     t = sub.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES, description="Train a DDPM. Flags override the config file, which overrides the preset.")
@@ -259,10 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("--label-column", "data.label_column", str, "hf: sources: the label column (default: detected)"),
         ("--num-workers", "train.num_workers", int, "threads fetching batches ahead (0 = in the training thread)"),
         ("--eval-every", "eval.every", int, "evaluate the EMA model every N steps (0 = off; see eval.* keys)"),
+        ("--cond-drop-prob", "train.cond_drop_prob", float, "class-conditional runs: share of labels dropped to the "
+         "null label, for classifier-free guidance (default 0.1)"),
+        ("--guidance", "sample.guidance", float, "class-conditional runs: guidance scale of the previews (one row "
+         "per class) and the default of ddpm sample (default: the preset's, else 1)"),
     ]
     for flag, key, typ, help_ in flags:
         t.add_argument(flag, dest="ov:" + key, type=typ, default=None, help=help_,
                        metavar=flag.lstrip("-").replace("-", "_").upper())
+    t.add_argument("--classes", type=_classes, default=None, metavar="K|auto",
+                   help="train a class-conditional model of K classes (model.num_classes); auto: the data's "
+                   "labels (mnist, cifar10, folder:DIR with one sub-folder per class, npz with labels, hf)")
     t.add_argument("--learn-sigma", dest="ov:model.learn_sigma", action="store_const", const=True,
                    help="the network also outputs its variances (2C channels), read by --variance learned_range")
     t.add_argument("--compile", dest="ov:train.compile", action="store_const", const=True, help="torch.compile the model")
@@ -277,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=SAMPLE_EXAMPLES, description="Draw samples (EMA weights by default) into a PNG grid or an npz.")
     s.set_defaults(func=cmd_sample)
     s.add_argument("path", help="run directory, ckpt-NNNNNNN folder, .safetensors file or diffusers pipeline directory")
-    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images: uint8 (N, H, W, C))")
+    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (images: uint8 (N, H, W, C); "
+                   "labels (N,) for class-conditional runs)")
     s.add_argument("--trajectory", help="FILE.png: predicted x0 along t for the first 8 samples (Figure 6)")
     _add_sampling_args(s, num_default=64, num_help="number of samples")
+    s.add_argument("--per-class", type=_positive, default=None,
+                   help="with --class all: samples per class, one row each (default: --num / K, at least 1)")
 
     c = sub.add_parser("schedules", help="plot or tabulate the four seed beta schedules", formatter_class=fmt,
                        epilog=SCHEDULE_EXAMPLES, description="beta_t, abar_t and log-SNR of linear, cosine, sqrt_linear, sqrt.")
@@ -326,7 +371,64 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=_positive, default=128, help="examples per network batch")
     a.add_argument("--seed", type=int, default=0, help="seed of the examples drawn and their noise")
     _add_model_args(a)
+    _add_steer_parsers(sub, fmt)
     return parser
+
+
+def _steer_command(name: str):
+    def run(args) -> int:
+        from . import cli_steer
+
+        return getattr(cli_steer, f"cmd_{name}")(args)
+
+    return run
+
+
+def _add_steer_parsers(sub, fmt) -> None:
+    """``ddpm inpaint`` and ``ddpm interpolate`` (commands in ``ddpm.cli_steer``)."""
+    p = sub.add_parser("inpaint", help="fill the masked pixels of an image (RePaint)", formatter_class=fmt,
+                       epilog=INPAINT_EXAMPLES, description="Generate the pixels of --image where --mask is white and "
+                       "keep the others exactly (RePaint, Lugmayr et al. 2022: ancestral sampling with the kept "
+                       "region replaced by a noised copy of the image at every step, and resampling to harmonise). "
+                       "Image and mask are PNG/JPEG files of the run's size; the image has the run's channels.")
+    p.set_defaults(func=_steer_command("inpaint"))
+    p.add_argument("path", help="run directory, ckpt-NNNNNNN folder or .safetensors file")
+    p.add_argument("--image", required=True, help="the image (PNG/JPEG of the run's size and channels)")
+    p.add_argument("--mask", required=True, help="the mask, same size: WHITE where pixels are to be GENERATED, black "
+                   "where the image is kept (grey >= 128 counts as white)")
+    p.add_argument("--out", required=True, help="FILE.png: the completion (several side by side with --num)")
+    p.add_argument("--num", type=_positive, default=1, help="completions, completion i seeded by (seed, i)")
+    p.add_argument("--resample", type=_positive, default=10, help="RePaint's R: rounds per jump (1 = plain replacement, "
+                   "no resampling; default 10, the paper's); cost about R x steps network calls")
+    p.add_argument("--jump", type=_positive, default=10, help="RePaint's jump length J (default 10, the paper's)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="ancestral steps (default: the run's preview steps if it previews with ddpm, else T)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    _add_class_args(p, "class-conditional runs: the class to fill in (index or name); default: the null label "
+                    "(unconditional)")
+    _add_model_args(p)
+
+    p = sub.add_parser("interpolate", help="a strip of images between two images", formatter_class=fmt,
+                       epilog=INTERPOLATE_EXAMPLES, description="Interpolate between images A and B through the "
+                       "model: slerp (default) of their DDIM-inverted latents x_T, decoded with DDIM (Song et al. "
+                       "2021); or noised: both noised to timestep t with the same noise, mixed linearly and "
+                       "decoded by the reverse process (Ho et al. 2020, Figure 8). Writes one row of --frames "
+                       "images, A's end first.")
+    p.set_defaults(func=_steer_command("interpolate"))
+    p.add_argument("path", help="run directory, ckpt-NNNNNNN folder or .safetensors file")
+    p.add_argument("a", help="image A (PNG/JPEG of the run's size and channels)")
+    p.add_argument("b", help="image B")
+    p.add_argument("--out", required=True, help="FILE.png: one row of FRAMES images")
+    p.add_argument("--frames", type=_frames, default=8, help="images in the strip, ends included (default 8)")
+    p.add_argument("--method", choices=("slerp", "noised"), default="slerp", help="default: slerp")
+    p.add_argument("--t", type=int, default=None, help="noised: the timestep both images are noised to "
+                   "(default T/2; small t stays near the cross-fade)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="slerp: DDIM steps of inversion and decoding (default 50); noised: reverse steps from t "
+                   "(default all t + 1)")
+    p.add_argument("--seed", type=int, default=0, help="noised: the seed all frames share")
+    _add_class_args(p, "class-conditional runs: the class of every frame (index or name); default: the null label")
+    _add_model_args(p)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -367,6 +469,14 @@ def load_run(path: str, args):
     return run, device
 
 
+def _classes_in_data(config) -> int:
+    """--classes auto: the number of classes of the run's data (a one-line error if it has no labels)."""
+    from .data import require_labels
+    from .training import _open_data  # the data exactly as the run will open it
+
+    return require_labels(_open_data(config), "--classes auto")
+
+
 def _size_model_to_data(config, overrides: dict):
     """--image-size and --channels size a U-Net to the data (attention kept at the same levels,
     out_channels following in_channels), unless model.image_size/model.in_channels are set too."""
@@ -405,6 +515,13 @@ def cmd_train(args) -> int:
         overrides["diffusion.variance"] = "learned_range"
     elif variance is not None and "model.learn_sigma" not in overrides:
         overrides["model.learn_sigma"] = variance == "learned_range"
+    # --classes K sets model.num_classes; auto reads K from the data, once the rest is resolved (so
+    # options that need a conditional model, such as --guidance, wait for it).
+    late = {}
+    if args.classes == "auto":
+        late = {k: overrides.pop(k) for k in ("sample.guidance",) if k in overrides}
+    elif args.classes is not None:
+        overrides["model.num_classes"] = args.classes
     if args.resume and not args.out:
         raise UserError("--resume needs --out RUN_DIR (the run to continue)")
     saved = Path(args.out) / "config.json" if args.out else None
@@ -413,6 +530,8 @@ def cmd_train(args) -> int:
     else:
         config = resolve_config(args.preset, args.config, **overrides)
     config = _size_model_to_data(config, overrides)
+    if args.classes == "auto":
+        config = config.override(**{"model.num_classes": _classes_in_data(config), **late})
     if os.environ.get("RANK", "0") == "0":
         print(f"ddpm: training {config.name} {_training_mode(config)}", flush=True)
     run_dir = train(config, out=args.out, resume=args.resume)
@@ -458,6 +577,7 @@ def cmd_sample(args) -> int:
     from . import viz
     from .batch_sampling import sample_batches, sampler_settings
     from .cli_eval import apply_variance
+    from .cli_steer import sampling_conditioning
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -465,23 +585,29 @@ def cmd_sample(args) -> int:
     run, device = load_run(args.path, args)
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
-    result = sample_batches(run, args.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
-                            progress=args.progress, return_trajectory=bool(args.trajectory))
+    cond = sampling_conditioning(run, args, args.num)  # --class all: num = K x per class
+    result = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
+                            progress=args.progress, return_trajectory=bool(args.trajectory), labels=cond.labels,
+                            guidance=cond.guidance)
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         images = viz.to_uint8(x0) if len(shape) == 3 else None
-        np.savez_compressed(out, **({"images": images} if images is not None else {"points": x0.numpy()}))
+        arrays = {"images": images} if images is not None else {"points": x0.numpy()}
+        if cond.labels is not None:
+            arrays["labels"] = cond.labels.numpy()  # label i of sample i
+        np.savez_compressed(out, **arrays)
     elif len(shape) == 3:
-        viz.save_grid(x0, out)
+        viz.save_grid(x0, out, nrow=cond.per_class)  # --class all: one row per class
     else:
         viz.save_scatter(x0, out)
     if args.trajectory and len(shape) == 3:
         ts, x0s = trajectory["timesteps"], trajectory["x0"][:, :8].float().cpu()
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
-    print(f"ddpm: wrote {args.num} samples ({settings.sampler}, {settings.steps} steps, {run.path}) to {out}")
+    print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}, "
+          f"{run.path}) to {out}")
     return 0
 
 

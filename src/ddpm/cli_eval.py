@@ -65,14 +65,28 @@ def _print_report(path: Path, summary: str) -> None:
 
 
 def _draw(run, device, num: int, args, batch_size: int):
-    """Samples of a run with the shared sampling options, and the settings a report records."""
+    """Samples of a run with the shared sampling options, and the settings and conditioning (labels
+    and guidance of a class-conditional run: uniform labels unless --class) a report records."""
     from .batch_sampling import sample_batches, sampler_settings
+    from .cli_steer import sampling_conditioning
 
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
-    x0 = sample_batches(run, num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
-                        progress=args.progress)
-    return x0, settings
+    cond = sampling_conditioning(run, args, num)
+    x0 = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
+                        progress=args.progress, labels=cond.labels, guidance=cond.guidance)
+    return x0, settings, cond
+
+
+def _cond_tag(args, cond) -> str:
+    # report names of unconditional runs stay as they were
+    return "" if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}"
+
+
+def _cond_fields(args, cond) -> dict:
+    if cond.labels is None:
+        return {}
+    return {"class": args.cls or "uniform", "guidance": cond.guidance}
 
 
 def _variance_tag(args) -> str:
@@ -101,11 +115,11 @@ def cmd_fid(args) -> int:
     if is_run(src):
         run, device = load_run(args.source, args)
         num = args.num or 50_000
-        samples, settings = _draw(run, device, num, args, args.sample_batch_size or args.batch_size)
+        samples, settings, cond = _draw(run, device, num, args, args.sample_batch_size or args.batch_size)
         images = to_uint8(samples)
         run_dir = run_dir_of(run)
-        tag = f"{settings.sampler}-{settings.steps}{_variance_tag(args)}-n{num}-seed{args.seed}"
-        extra = _run_fields(args, args.source, run, settings)
+        tag = f"{settings.sampler}-{settings.steps}{_variance_tag(args)}{_cond_tag(args, cond)}-n{cond.num}-seed{args.seed}"
+        extra = {**_run_fields(args, args.source, run, settings), **_cond_fields(args, cond)}
         if not args.no_save_samples:
             samples_path = run_dir / "eval" / f"samples-{tag}.npz"
             samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,10 +217,10 @@ def cmd_toy(args) -> int:
     if not spec.startswith("toy:"):
         raise UserError(f"ddpm eval toy needs a toy run or --data toy:NAME; this run's data is {spec!r}")
     check_toy(spec[4:])
-    samples, settings = _draw(run, device, args.num, args, args.batch_size)
+    samples, settings, cond = _draw(run, device, args.num, args, args.batch_size)
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
-    report.update(_run_fields(args, args.run, run, settings))
-    name = f"toy-{settings.sampler}-{settings.steps}{_variance_tag(args)}-n{args.num}.json"
+    report.update({**_run_fields(args, args.run, run, settings), **_cond_fields(args, cond)})
+    name = f"toy-{settings.sampler}-{settings.steps}{_variance_tag(args)}{_cond_tag(args, cond)}-n{cond.num}.json"
     path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "

@@ -138,6 +138,10 @@ class LoopConfig:
     num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
     progress: bool = True
     max_nonfinite: int = 20  # steps in a row with a NaN/Inf loss or gradient (each skipped) that stop the run
+    # classifier-free guidance training (Ho & Salimans 2022): the share of labels replaced by the
+    # null label, so that one network learns the conditional and the unconditional model; read only
+    # by class-conditional runs (model.num_classes)
+    cond_drop_prob: float = 0.1
 
     def __post_init__(self):
         _check_literals(self)
@@ -148,6 +152,7 @@ class LoopConfig:
         _require(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         _require(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}")
         _require(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        _require(0 <= self.cond_drop_prob <= 1, f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
 
 
 @dataclass
@@ -160,6 +165,9 @@ class DataConfig:
     channels: Optional[int] = None  # 1, 3 or 4 (RGBA); None keeps the source's
     image_column: Optional[str] = None  # hf: sources: default the first Image feature
     label_column: Optional[str] = None  # hf: sources: default a ClassLabel named label, labels, class, ...
+    # class k's name, k = 0..K-1, for class-conditional runs: taken from the data when the run starts
+    # (MNIST digits, a folder's sub-folder names), so that a run alone maps names to labels
+    class_names: Optional[tuple] = None
 
     def __post_init__(self):
         _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
@@ -168,6 +176,9 @@ class DataConfig:
 
             image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
         _require(self.channels in (None, 1, 3, 4), f"channels must be 1, 3 or 4, got {self.channels}")
+        if self.class_names is not None:
+            self.class_names = tuple(self.class_names)
+            _require(all(isinstance(n, str) for n in self.class_names), "data.class_names must be a list of strings")
 
 
 @dataclass
@@ -178,11 +189,15 @@ class SampleConfig:
     steps: Optional[int] = None  # None = all T steps
     eta: float = 0.0
     num: int = 64
+    # classifier-free guidance scale of class-conditional runs (1 = plain conditional, 0 =
+    # unconditional); previews draw one row per class with it
+    guidance: float = 1.0
 
     def __post_init__(self):
         _check_literals(self)
         _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
         _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
+        _require(math.isfinite(self.guidance), f"sample.guidance must be a finite number, got {self.guidance}")
 
 
 @dataclass
@@ -238,6 +253,7 @@ class TrainConfig:
         _require(not learn or variance == "learned_range",
                  f"model.learn_sigma outputs variances that only diffusion.variance 'learned_range' reads, not "
                  f"{variance!r}; set both or neither")
+        _check_conditioning(self)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -267,6 +283,17 @@ class TrainConfig:
         if "model.learn_sigma" in dotted and "model.out_channels" not in dotted and "out_channels" in d["model"]:
             d["model"]["out_channels"] = None  # re-derived: C, or 2C with learned variances
         return TrainConfig.from_dict(d)
+
+
+def _check_conditioning(config: TrainConfig) -> None:
+    """Guidance and class names need a class-conditional network (``model.num_classes`` = K): a run
+    names its K classes or none, and an unconditional one has nothing to guide."""
+    K, names = getattr(config.model, "num_classes", None), config.data.class_names
+    _require(K is not None or config.sample.guidance == 1.0,
+             f"sample.guidance {config.sample.guidance} needs a class-conditional model (model.num_classes, "
+             f"--classes); this one is unconditional")
+    _require(K is None or names is None or len(names) == K,
+             f"data.class_names has {len(names or ())} names but model.num_classes is {K}")
 
 
 # ---------------------------------------------------------------------------------------------

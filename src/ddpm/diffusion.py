@@ -213,6 +213,7 @@ def training_loss(
     objective: Literal["simple", "vlb"] = "simple",
     vlb_weight: float = 0.001,
     decoder: Literal["discretized", "continuous"] = "discretized",
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Algorithm 1: L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2 (eq. 14).
 
@@ -230,7 +231,8 @@ def training_loss(
     T * L_t in bits/dim (``vlb_term``), the uniform-t estimate of the whole bound: improved-diffusion's
     scale, so that vlb_weight = 0.001 is the paper's lambda whatever T. The fixed and analytic
     variances train with L_simple (the analytic one is estimated after training, ``ddpm.analytic``).
-    ``decoder`` is the t = 0 term of L_vlb (``vlb_term``).
+    ``decoder`` is the t = 0 term of L_vlb (``vlb_term``). ``labels`` (B,), for a class-conditional
+    model, are passed on as ``model(x_t, t, labels)`` (the null label ``num_classes`` where dropped).
     """
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("weighting", weighting, WEIGHTINGS)
@@ -260,7 +262,7 @@ def training_loss(
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(schedule, x0, t, noise)
     # Algorithm 1, line 5: gradient step on || eps - eps_theta(sqrt(abar) x0 + sqrt(1-abar) eps, t) ||^2.
-    output = model(x_t, t)
+    output = model(x_t, t) if labels is None else model(x_t, t, labels)
     pred, var_values = split_output(output, x0.shape, variance)
     dt = _work_dtype(x0)  # float32 at least, even for a bf16 network
     # L_vlb per example as T * L_t in bits/dim: improved-diffusion's mean over dims / ln 2, times T.

@@ -59,7 +59,9 @@ class Prefetcher:
 
     ``indices_of(j)`` names the items of micro-batch ``j``; it is called in the caller's thread
     (index streams cache permutations and are not thread-safe). ``fetch(indices)`` returns them
-    as a CPU tensor. Use as a context manager (or call ``close``) to stop the worker threads.
+    as a CPU tensor, or a tuple of CPU tensors (images and their class labels), which ``get``
+    returns as a tuple on ``device``. Use as a context manager (or call ``close``) to stop the
+    worker threads.
     """
 
     def __init__(self, indices_of: Callable[[int], torch.Tensor], fetch: Callable[[torch.Tensor], torch.Tensor],
@@ -73,7 +75,8 @@ class Prefetcher:
         self.depth = depth
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ddpm-data") if workers else None
         self._pending: dict[int, Future] = {}
-        self._buffers: list[torch.Tensor | None] = [None] * depth
+        self._buffers: list[torch.Tensor | None] = [None] * depth  # pinned, per slot: the images
+        self._more_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (slot, part): further parts (labels)
         self._events: list = [None] * depth
 
     def _start(self, j: int) -> None:
@@ -89,21 +92,28 @@ class Prefetcher:
         future = self._pending.pop(j, None)
         host = future.result() if future is not None else self.fetch(self.indices_of(j))
         if self.device.type != "cuda":  # pinned buffers only pay off for host-to-GPU copies
-            return host.to(self.device)
+            return tuple(h.to(self.device) for h in host) if isinstance(host, tuple) else host.to(self.device)
         return self._to_device_async(j % self.depth, host)
 
-    def _to_device_async(self, slot: int, host: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers[slot]
-        if buf is None or buf.shape != host.shape or buf.dtype != host.dtype:
-            buf = self._buffers[slot] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        elif self._events[slot] is not None:
-            self._events[slot].synchronize()  # the previous copy out of this buffer has finished
-        buf.copy_(host)
-        out = buf.to(self.device, non_blocking=True)
+    def _to_device_async(self, slot: int, host: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        parts = host if isinstance(host, tuple) else (host,)
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()  # the previous copies out of this slot's buffers have finished
+        out = []
+        for i, part in enumerate(parts):  # one buffer per slot and part (images, labels)
+            buf = self._buffers[slot] if i == 0 else self._more_buffers.get((slot, i))
+            if buf is None or buf.shape != part.shape or buf.dtype != part.dtype:
+                buf = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                if i == 0:
+                    self._buffers[slot] = buf
+                else:
+                    self._more_buffers[(slot, i)] = buf
+            buf.copy_(part)
+            out.append(buf.to(self.device, non_blocking=True))
         event = torch.cuda.Event()
         event.record()
         self._events[slot] = event
-        return out
+        return tuple(out) if isinstance(host, tuple) else out[0]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -8,10 +8,14 @@ do. One optimizer step (``_optimizer_step``)::
                                                    (seed, step); flips only with data.hflip
                                                    (objective "vlb": t ~ p_t of the loss
                                                    history, on the CPU, weights 1 / (T p_t))
+    drop ~ B(cond_drop_prob)                       class-conditional runs only, drawn after the
+                                                   rest: the label becomes the null label
+                                                   (classifier-free guidance, Ho & Salimans 2022)
     for each of grad_accum micro-batches:          (B = micro-batch * grad_accum * world size)
         x0 ~ q(x0)                                 line 2: index stream shared by all ranks,
-                                                   sliced per rank
-        loss = ||eps - eps_theta(x_t, t)||^2       line 5 (ddpm.diffusion.training_loss)
+                                                   sliced per rank (with x0's labels c)
+        loss = ||eps - eps_theta(x_t, t)||^2       line 5 (ddpm.diffusion.training_loss;
+                                                   eps_theta(x_t, t, c) when conditional)
     clip grad norm, Adam step with warmed-up lr    line 5: the gradient step (skipped if non-finite)
     ema <- lerp(ema, theta, 1 - decay_t)           one multi-tensor update (rank 0; skipped with it)
 
@@ -188,9 +192,13 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         accel.keep_freed_memory()  # ~11% faster CPU steps (fewer page faults); see its docstring
 
     dataset = _open_data(config)
+    config = _with_class_names(config, dataset)
     stream = IndexStream(len(dataset), micro_global, c.seed)
+    fetch = lambda idx: _get_batch(dataset, idx)  # noqa: E731
+    if getattr(config.model, "num_classes", None) is not None:  # labels travel with their images
+        fetch = lambda idx: (_get_batch(dataset, idx), dataset.get_batch_labels(idx))  # noqa: E731
     loader = stack.enter_context(Prefetcher(lambda j: stream.batch(j)[rank * micro_local:(rank + 1) * micro_local],
-                                            lambda idx: _get_batch(dataset, idx), device, workers=c.num_workers))
+                                            fetch, device, workers=c.num_workers))
     schedule = config.diffusion.make_schedule().to(device)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
@@ -262,7 +270,28 @@ def _open_data(config: TrainConfig):
     if tuple(dataset.shape) != want:
         raise UserError(f"data {config.data.source!r} has items of shape {tuple(dataset.shape)} but the model "
                         f"expects {want}; set data.image_size/data.channels or the model's size")
+    num_classes = getattr(config.model, "num_classes", None)
+    if num_classes is not None:
+        from .data import require_labels
+
+        found = require_labels(dataset, "a class-conditional run (model.num_classes)")
+        if found != num_classes:
+            raise UserError(f"data {config.data.source!r} has {found} classes but model.num_classes is {num_classes}; "
+                            f"set model.num_classes={found} or train with --classes auto")
     return dataset
+
+
+def _with_class_names(config: TrainConfig, dataset) -> TrainConfig:
+    """A conditional run records its data's class names (data.class_names) in its config, so that
+    sampling by name works from the run alone; resuming on data with other names is refused."""
+    names = getattr(dataset, "class_names", None)
+    if getattr(config.model, "num_classes", None) is None or not names:
+        return config
+    saved = config.data.class_names
+    if saved is not None and tuple(saved) != tuple(names):
+        raise UserError(f"data {config.data.source!r} names its classes {', '.join(names)} but the run's "
+                        f"data.class_names are {', '.join(saved)}: the labels would mean other classes")
+    return config.override(**{"data.class_names": list(names)})
 
 
 def _get_batch(dataset, indices: torch.Tensor) -> torch.Tensor:
@@ -314,6 +343,12 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
         t_all = torch.randint(0, r.schedule.num_timesteps, (c.batch_size,), device=r.device, generator=r.noise_gen)
     eps_all = torch.randn((c.batch_size, *shape), device=r.device, generator=r.noise_gen)
     flip_all = torch.rand(c.batch_size, device=r.device, generator=r.noise_gen) < 0.5
+    num_classes = getattr(config.model, "num_classes", None)
+    if num_classes is not None:
+        # Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1): a label is replaced
+        # by the null label with probability cond_drop_prob. Drawn after t, eps and flip, so that
+        # the unconditional runs' random streams are what they were.
+        drop_all = torch.rand(c.batch_size, device=r.device, generator=r.noise_gen) < c.cond_drop_prob
     micro_global = c.batch_size // c.grad_accum
     micro_local = micro_global // r.world
     step_loss = torch.zeros((), device=r.device)
@@ -321,6 +356,10 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
     for micro in range(c.grad_accum):
         x0 = r.loader.get(r.step * c.grad_accum + micro)  # Algorithm 1, line 2
         lo = micro * micro_global + r.rank * micro_local
+        labels = None
+        if num_classes is not None:
+            x0, labels = x0
+            labels = torch.where(drop_all[lo:lo + micro_local], num_classes, labels)
         t, eps = t_all[lo:lo + micro_local], eps_all[lo:lo + micro_local]
         if config.data.hflip and x0.ndim == 4:
             x0 = torch.where(flip_all[lo:lo + micro_local].view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -332,7 +371,8 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
             # (+ vlb_weight * L_vlb with learned variances: L_hybrid; or L_vlb alone)
             loss = training_loss(r.net, r.schedule, x0, t=t, noise=eps, prediction=d.prediction,
                                  weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, variance=d.variance,
-                                 objective=d.objective, vlb_weight=d.vlb_weight, reduction="none" if vlb else "mean")
+                                 objective=d.objective, vlb_weight=d.vlb_weight, reduction="none" if vlb else "mean",
+                                 labels=labels)
             if vlb:
                 vlb_losses.append(loss.detach())
                 loss = (loss * w_all[lo:lo + micro_local]).mean()
@@ -453,12 +493,20 @@ def _save_preview(r: _Run, path: Path) -> None:
 
     s, shape = r.config.sample, item_shape(r.config)
     n = s.num if len(shape) == 1 else min(s.num, 64)
+    num_classes, per_class, cond = getattr(r.config.model, "num_classes", None), None, {}
+    if num_classes is not None:
+        # One row per class (the first n classes if there are more), guided by sample.guidance:
+        # sample i has label i // per_class, as `ddpm sample RUN --class all` draws them.
+        rows = min(num_classes, n)
+        per_class = max(1, n // rows)
+        n = rows * per_class
+        cond = {"labels": torch.arange(rows, device=r.device).repeat_interleave(per_class), "guidance": s.guidance}
     with torch.no_grad(), accel.autocast(r.device, r.amp):
         x0 = sample(r.ema, r.schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
-                    generator=r.config.train.seed, device=r.device, **_preview_kwargs(r.config))
+                    generator=r.config.train.seed, device=r.device, **_preview_kwargs(r.config), **cond)
     path.parent.mkdir(parents=True, exist_ok=True)
     x0 = x0.float().cpu()
-    viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path)
+    viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)
 
 
 def _checkpoint(r: _Run) -> None:
