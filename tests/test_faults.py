@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddpm import checkpoint, rundir
+from ddpm import checkpoint, loading, rundir
 from ddpm.checkpoint import list_checkpoints, load
 from ddpm.cli import main
 from ddpm.errors import UserError
@@ -319,13 +319,13 @@ def test_a_header_claiming_a_huge_network_fails_before_allocating_it(run4, tmp_p
     config["model"]["ch"] = 2048  # about 10 GB of float32 weights
     forged = tmp_path / "forged.safetensors"
     save_file(tensors, str(forged), metadata={**meta, "ddpm_config": json.dumps(config)})
-    real_build = checkpoint.build_model
+    real_build = loading.build_model
 
     def build_only_on_meta(model_config):
         assert torch.empty(0).device.type == "meta", "a real model was allocated before the shapes were checked"
         return real_build(model_config)
 
-    monkeypatch.setattr(checkpoint, "build_model", build_only_on_meta)
+    monkeypatch.setattr(loading, "build_model", build_only_on_meta)
     with pytest.raises(UserError, match="another architecture"):
         load(forged)
 

@@ -1,4 +1,4 @@
-"""Run directories, atomic verified checkpoints and loading a trained model back.
+"""Run directories and atomic verified checkpoints: listing, saving, reading and resuming from them.
 
 Layout of a run directory::
 
@@ -19,7 +19,8 @@ every file fsync'ed and the manifest last, then the folder is renamed into place
 previous checkpoints or the new one, never half a one; leftover temporaries are swept at the
 next save. Loading verifies the manifest: a run directory falls back to its newest checkpoint
 that verifies (saying so on stderr), an explicitly named checkpoint or file is refused when
-damaged. Weights with NaN/Inf are neither saved nor loaded.
+damaged. Weights with NaN/Inf are neither saved nor loaded. Loading a run for sampling
+(``load``, ``LoadedRun``) is ``ddpm.loading``.
 """
 
 from __future__ import annotations
@@ -31,19 +32,30 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .config import TrainConfig, build_model
-from .errors import UserError
+from .config import TrainConfig
+from .errors import UserError, first_line
 from .rundir import (MANIFEST, RESOURCE_ERRNOS, atomic_write_text, fsync_dir, manifest_text, retire,
                      sweep_temporaries, temp_name, verify, write_durable)
 
 __all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint",
-           "save_checkpoint", "restore_training_state", "load", "LoadedRun"]
+           "save_checkpoint", "restore_training_state"]
+
+_MOVED_TO_LOADING = ("LoadedRun", "load", "resolve_weights_path")
+
+
+def __getattr__(name: str):
+    # Moved to ddpm.loading, which imports this module (a plain re-export here would be an import
+    # cycle); still importable from here, resolved on first use.
+    if name in _MOVED_TO_LOADING:
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
@@ -181,18 +193,13 @@ def _sweep(run_dir: Path, step: int) -> None:
 
 # -- reading ----------------------------------------------------------------------------------
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def read_state(ckpt_dir: Path) -> dict:
     """The training state of a checkpoint (torch.load with weights_only=True)."""
     path = Path(ckpt_dir) / "state.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
@@ -206,7 +213,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:
-        raise UserError(f"corrupt or truncated checkpoint {path}: {_first_line(exc)}") from None
+        raise UserError(f"corrupt or truncated checkpoint {path}: {first_line(exc)}") from None
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -221,11 +228,12 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise UserError(f"corrupt or truncated checkpoint {path}: {_first_line(exc)}") from None
+        raise UserError(f"corrupt or truncated checkpoint {path}: {first_line(exc)}") from None
     return tensors, meta
 
 
-def _check_architecture(own: dict[str, tuple], found: dict[str, tuple], path: Path) -> None:
+def check_architecture(own: dict[str, tuple], found: dict[str, tuple], path: Path) -> None:
+    """A one-line UserError when the shapes ``found`` in ``path`` are not the network's own."""
     missing = sorted(set(own) - set(found))
     unexpected = sorted(set(found) - set(own))
     wrong = sorted(k for k in set(own) & set(found) if tuple(own[k]) != tuple(found[k]))
@@ -237,7 +245,7 @@ def _check_architecture(own: dict[str, tuple], found: dict[str, tuple], path: Pa
 
 def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``load_state_dict`` that reports a different architecture or NaN/Inf weights as a one-line UserError."""
-    _check_architecture({k: v.shape for k, v in module.state_dict().items()},
+    check_architecture({k: v.shape for k, v in module.state_dict().items()},
                         {k: v.shape for k, v in tensors.items()}, path)
     bad = nonfinite_key(tensors)
     if bad is not None:
@@ -297,112 +305,6 @@ def _restore_timestep_sampler(sampler, saved, path: Path) -> None:
                         f"or of another T")
 
 
-@dataclass
-class LoadedRun:
-    """What ``ddpm.sample`` needs: ``ddpm.sample(run.model, run.schedule, (n, *run.shape), **run.sample_kwargs)``.
-
-    ``shape`` is one item's shape, (C, H, W) or (dim,); ``sample_kwargs`` holds the run's
-    prediction, variance and clipping, which every sampler accepts, and ``analytic`` (the
-    ``AnalyticVariance`` of RUN/analytic.json) when one was estimated for these weights.
-    ``amp`` is the autocast mode chosen for the model's device by ``load``: sample under
-    ``with run.autocast(): ...`` to use it.
-    ``num_classes`` and ``class_names`` describe a class-conditional run (None otherwise): sample
-    class k with ``ddpm.sample(..., labels=k, guidance=w)``.
-    """
-
-    model: torch.nn.Module
-    schedule: Any  # NoiseSchedule
-    config: TrainConfig
-    shape: tuple
-    sample_kwargs: dict
-    path: Path
-    step: int | None
-    amp: str = "off"  # "off", "bf16" or "fp16" (ddpm.accel.AMP_MODES)
-
-    def autocast(self):
-        """A context manager running the network in ``amp`` on the model's device."""
-        from .accel import autocast
-
-        param = next(iter(self.model.parameters()), None) if isinstance(self.model, torch.nn.Module) else None
-        return autocast(param.device if param is not None else "cpu", self.amp)
-
-    @property
-    def num_classes(self) -> int | None:
-        """K of a class-conditional model (labels 0..K-1; K is the null label), None if unconditional."""
-        return getattr(self.config.model, "num_classes", None)
-
-    @property
-    def class_names(self) -> tuple[str, ...] | None:
-        """The names of classes 0..K-1 (the data's, else "0".."K-1"), None if unconditional."""
-        if self.num_classes is None:
-            return None
-        return tuple(self.config.data.class_names or (str(k) for k in range(self.num_classes)))
-
-
-def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
-    """A run dir -> the weights of its newest intact checkpoint; a ckpt dir -> its weights; a file
-    -> itself. Named checkpoints and files are verified against their manifest and refused when
-    damaged; a run directory falls back to an older checkpoint instead (saying so)."""
-    path = Path(path)
-    name = "ema.safetensors" if ema else "model.safetensors"
-    if path.is_file():
-        folder, name = path.parent, path.name
-    elif not path.exists():
-        raise UserError(f"no such run directory or checkpoint: {path}")
-    elif CKPT_RE.match(path.name):
-        folder = path
-    else:
-        latest = latest_verified_checkpoint(path, [name])
-        if latest is None:
-            raise UserError(f"no complete checkpoint (ckpt-NNNNNNN/ with {', '.join(FILES)}) in {path}")
-        return latest / name
-    if CKPT_RE.match(folder.name):
-        problem = verify(folder, [name])
-        if problem is not None:
-            raise UserError(f"checkpoint {folder} is damaged ({problem})")
-    return folder / name
-
-
-def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", fast: bool = True,
-         amp: str | None = None) -> LoadedRun:
-    """Load a trained model from a run directory, a ``ckpt-*`` folder or a ``.safetensors`` file.
-
-    Fast by default, as ``ddpm sample`` runs: ``run.amp`` is ``amp`` resolved on ``device``
-    (default ``"auto"``: bf16 or fp16 autocast where the device computes it natively, see
-    ``ddpm.accel.resolve_amp``) and networks wide enough to gain get channels_last weights
-    (``accel.prefers_channels_last``). ``fast=False`` keeps float32 (unless ``amp`` says otherwise)
-    and the stored layout.
-
-    The network is rebuilt from the config stored in the weights' metadata (falling back to the
-    run's ``config.json``), so a checkpoint alone is enough. ``ema`` picks the EMA weights.
-    A diffusers pipeline (or UNet2DModel) directory is converted (``ddpm.diffusers_io``).
-    The file's tensor shapes are compared with the config's network built on the ``meta``
-    device (no memory) before the real one is allocated, so a file whose config does not match
-    its tensors fails at once.
-    """
-    from .diffusers_io import is_diffusers_dir, load_diffusers
-
-    if is_diffusers_dir(path):
-        return _prepared(load_diffusers(path, device=device), device, fast, amp)
-    weights_path = resolve_weights_path(path, ema=ema)
-    meta, shapes = read_header(weights_path)
-    config = _stored_config(weights_path, meta)
-    with torch.device("meta"):
-        skeleton = build_model(config.model)
-    _check_architecture({k: v.shape for k, v in skeleton.state_dict().items()}, shapes, weights_path)
-    tensors, _ = read_weights(weights_path)
-    model = build_model(config.model)
-    load_weights_into(model, tensors, weights_path)
-    model.to(device).eval().requires_grad_(False)
-    schedule = config.diffusion.make_schedule().to(device)
-    step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-    analytic, _ = read_analytic_variance(weights_path, config.diffusion.timesteps)
-    run = LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
-                    sample_kwargs={**sample_kwargs(config), **({"analytic": analytic} if analytic else {})},
-                    path=weights_path, step=step)
-    return _prepared(run, device, fast, amp)
-
-
 ANALYTIC_FILE = "analytic.json"
 
 
@@ -442,33 +344,10 @@ def read_analytic_variance(weights_path: Path, timesteps: int):
         doc = json.loads(path.read_text(encoding="utf-8"))
         analytic = AnalyticVariance.load(path)
     except (ValueError, KeyError, TypeError) as exc:
-        return None, f"{path} is unreadable ({_first_line(exc)})"
+        return None, f"{path} is unreadable ({first_line(exc)})"
     if doc.get("weights") != name or analytic.num_timesteps != timesteps:
         return None, f"{path} was estimated for {doc.get('weights')} (T={analytic.num_timesteps}), not {name}"
     return analytic, ""
-
-
-def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
-    """``load``'s fast defaults: the autocast mode for the device, channels_last where it helps."""
-    from . import accel
-
-    run.amp = accel.resolve_amp(amp or ("auto" if fast else "off"), device)
-    if fast and isinstance(run.model, torch.nn.Module) and accel.prefers_channels_last(run.model):
-        accel.prepare_model(run.model, channels_last=True)
-    return run
-
-
-def _stored_config(weights_path: Path, meta: dict[str, str]) -> TrainConfig:
-    config_json = meta.get("ddpm_config")
-    if config_json is None:
-        candidate = weights_path.parent.parent / "config.json"
-        if not candidate.is_file():
-            raise UserError(f"{weights_path} carries no ddpm config and no config.json was found beside its run")
-        config_json = candidate.read_text(encoding="utf-8")
-    try:
-        return TrainConfig.from_dict(json.loads(config_json))
-    except (ValueError, UserError) as exc:
-        raise UserError(f"{weights_path}: stored config is invalid: {_first_line(exc)}") from None
 
 
 def item_shape(config: TrainConfig) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import load_run, resolve_device
+from .cli_commands import load_run, resolve_device
 from .errors import UserError
 
 

@@ -164,7 +164,7 @@ def _model_options(run) -> dict:
 
 def cmd_inpaint(args) -> int:
     from .batch_sampling import sampler_settings
-    from .cli import load_run
+    from .cli_commands import load_run
     from .inpainting import inpaint
     from .samplers import per_sample_seeds
     from .viz import save_grid
@@ -193,7 +193,7 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .cli import load_run
+    from .cli_commands import load_run
     from .interpolation import interpolate
     from .viz import save_grid
 

@@ -172,7 +172,7 @@ class DataConfig:
     def __post_init__(self):
         _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
         if self.image_size is not None:
-            from .unet import image_hw
+            from .unet_config import image_hw
 
             image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
         _require(self.channels in (None, 1, 3, 4), f"channels must be 1, 3 or 4, got {self.channels}")
@@ -311,7 +311,7 @@ def model_type(model_config: Any) -> str:
 
 def _model_config_class(kind: str):
     if kind == "unet":
-        from .unet import UNetConfig
+        from .unet_config import UNetConfig
 
         return UNetConfig
     if kind == "mlp":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import UNetConfig
+from .unet_config import UNetConfig
 
 # ---------------------------------------------------------------------------------------------
 # diffusers UNet2DModel (DDPM layout) -> UNet. Same computation; names differ and q, k, v are fused.

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from .errors import UserError
 from .readers import CIFAR10_CLASSES, MNIST_CLASSES, load_cifar10, load_mnist
 from .toy import TOY_SETS, ToySource, check_toy, toy_log_density, toy_sample
-from .unet import image_hw
+from .unet_config import image_hw
 
 __all__ = [
     "SCHEMES", "TOY_SETS", "CHANNELS", "open_source", "open_data", "require_labels", "check_labels",

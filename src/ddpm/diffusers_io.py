@@ -239,7 +239,8 @@ def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu", sche
 
     ``scheduler_config`` names the scheduler's JSON explicitly (default: found beside the U-Net).
     """
-    from .checkpoint import LoadedRun, item_shape, sample_kwargs
+    from .checkpoint import item_shape, sample_kwargs
+    from .loading import LoadedRun
     from .config import DataConfig, SampleConfig, TrainConfig
 
     path = Path(path)
@@ -350,7 +351,7 @@ def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> 
     """
     from safetensors.torch import save_file
 
-    from .checkpoint import load
+    from .loading import load
     from .unet import UNet
 
     out = Path(out)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import batch_labels, batch_timesteps, check_num_classes, timestep_embedding, timestep_frequencies
+from .unet import batch_labels, batch_timesteps, timestep_embedding, timestep_frequencies
+from .unet_config import check_num_classes
 
 
 @dataclass

@@ -15,6 +15,7 @@ and call ``update`` with the whole batch on every rank, in the same order.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class LossAwareTimestepSampler:
@@ -97,3 +98,17 @@ class LossAwareTimestepSampler:
         self.losses = losses.double().clone()
         self.counts = counts.long().clone()
         self.uniform_prob = float(state.get("uniform_prob", self.uniform_prob))
+
+
+def record_vlb_losses(sampler: LossAwareTimestepSampler, t_all: torch.Tensor, mine: torch.Tensor,
+                      skip: torch.Tensor, *, world: int, grad_accum: int) -> None:
+    """Add a training step's L_vlb per example to the loss history, unless the step is skipped.
+    ``t_all`` holds the timesteps of the whole global batch, ``mine`` this rank's losses. Every rank
+    records the whole global batch in its order (micro-step, rank, example), so all ranks keep the
+    same history, and N ranks the history of one process with the same global batch."""
+    if world > 1:
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        mine = torch.stack(parts).view(world, grad_accum, -1).transpose(0, 1).reshape(-1)
+    if not skip.item():  # a non-finite loss would fix p_t for its next 10 visits
+        sampler.update(t_all, mine)

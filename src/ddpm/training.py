@@ -52,10 +52,8 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +61,17 @@ import torch
 import torch.distributed as dist
 
 from . import accel, guards
-from .checkpoint import (item_shape, latest_checkpoint, latest_verified_checkpoint, list_checkpoints,
-                         restore_training_state, sample_kwargs, save_checkpoint)
+from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
 from .config import TrainConfig, build_model
 from .diffusion import training_loss
+from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .errors import UserError
 from .loader import IndexStream, Prefetcher
+from .previews import preview_kwargs, save_preview
 from .rundir import RunLock, atomic_write_text, sweep_temporaries
 from .runlog import RunLog
-from .timestep_sampling import LossAwareTimestepSampler
+from .timestep_sampling import LossAwareTimestepSampler, record_vlb_losses
+from .training_data import get_batch, open_data, with_class_names
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "IndexStream"]
 
@@ -169,7 +169,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     """Process group, run directory, data, model, EMA copy and optimizer, restored from the latest
     checkpoint in ``out`` when resuming; what needs closing goes on ``stack``."""
     c = config.train
-    rank, world, device, started_dist = _init_distributed(config)
+    rank, world, device, started_dist = init_distributed(config)
     if started_dist:
         stack.callback(lambda: dist.is_initialized() and dist.destroy_process_group())
     micro_global = c.batch_size // c.grad_accum
@@ -177,7 +177,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         raise UserError(f"batch_size / grad_accum = {micro_global} is not divisible by world size {world}")
     micro_local = micro_global // world
     amp = accel.resolve_amp(c.amp, device)
-    run_dir = _run_dir(config, out, world)
+    run_dir = shared_run_dir(config, out, world)
     if resume and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} holds no run (no config.json, no checkpoint); check the path, "
                         f"or leave out --resume to start a new run there")
@@ -187,16 +187,16 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         sweep_temporaries(run_dir)  # e.g. the temporary config.json of a run killed while writing it
     if list_checkpoints(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
-    latest = _resume_from(run_dir, rank, world) if resume else None
+    latest = resume_from(run_dir, rank, world) if resume else None
     if device.type == "cpu":
         accel.keep_freed_memory()  # ~11% faster CPU steps (fewer page faults); see its docstring
 
-    dataset = _open_data(config)
-    config = _with_class_names(config, dataset)
+    dataset = open_data(config)
+    config = with_class_names(config, dataset)
     stream = IndexStream(len(dataset), micro_global, c.seed)
-    fetch = lambda idx: _get_batch(dataset, idx)  # noqa: E731
+    fetch = lambda idx: get_batch(dataset, idx)  # noqa: E731
     if getattr(config.model, "num_classes", None) is not None:  # labels travel with their images
-        fetch = lambda idx: (_get_batch(dataset, idx), dataset.get_batch_labels(idx))  # noqa: E731
+        fetch = lambda idx: (get_batch(dataset, idx), dataset.get_batch_labels(idx))  # noqa: E731
     loader = stack.enter_context(Prefetcher(lambda j: stream.batch(j)[rank * micro_local:(rank + 1) * micro_local],
                                             fetch, device, workers=c.num_workers))
     schedule = config.diffusion.make_schedule().to(device)
@@ -206,7 +206,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     optimizer = accel.make_optimizer(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                      weight_decay=config.optim.weight_decay, eps=config.optim.eps)
     step = 0
-    # Same history on every rank: each records the whole global batch (_record_vlb_losses).
+    # Same history on every rank: each records the whole global batch (record_vlb_losses).
     timestep_sampler = (LossAwareTimestepSampler(config.diffusion.timesteps)
                         if config.diffusion.objective == "vlb" else None)
     scaler = accel.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
@@ -223,81 +223,6 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
                 scaler=scaler, timestep_sampler=timestep_sampler)
-
-
-def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, we_initialised) from torchrun's environment variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = config.train.device
-    use_cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world <= 1:
-        return 0, 1, device, False
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, started
-
-
-def _resume_from(run_dir: Path, rank: int, world: int) -> Path | None:
-    """The newest checkpoint that verifies, chosen (and any fallback reported) by rank 0."""
-    holder = [str(latest_verified_checkpoint(run_dir) or "") if rank == 0 else ""]
-    if world > 1:
-        dist.broadcast_object_list(holder, src=0)
-    return Path(holder[0]) if holder[0] else None
-
-
-def _run_dir(config: TrainConfig, out, world: int) -> Path:
-    """``out``, else ``runs/NAME-DATE-TIME``; under DDP every rank takes the directory rank 0 named."""
-    run_dir = Path(out) if out is not None else Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if world > 1:
-        holder = [str(run_dir)]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = Path(holder[0])
-    return run_dir
-
-
-def _open_data(config: TrainConfig):
-    from .data import open_source
-
-    dataset = open_source(config.data.source, image_size=config.data.image_size, channels=config.data.channels)
-    want = item_shape(config)
-    if tuple(dataset.shape) != want:
-        raise UserError(f"data {config.data.source!r} has items of shape {tuple(dataset.shape)} but the model "
-                        f"expects {want}; set data.image_size/data.channels or the model's size")
-    num_classes = getattr(config.model, "num_classes", None)
-    if num_classes is not None:
-        from .data import require_labels
-
-        found = require_labels(dataset, "a class-conditional run (model.num_classes)")
-        if found != num_classes:
-            raise UserError(f"data {config.data.source!r} has {found} classes but model.num_classes is {num_classes}; "
-                            f"set model.num_classes={found} or train with --classes auto")
-    return dataset
-
-
-def _with_class_names(config: TrainConfig, dataset) -> TrainConfig:
-    """A conditional run records its data's class names (data.class_names) in its config, so that
-    sampling by name works from the run alone; resuming on data with other names is refused."""
-    names = getattr(dataset, "class_names", None)
-    if getattr(config.model, "num_classes", None) is None or not names:
-        return config
-    saved = config.data.class_names
-    if saved is not None and tuple(saved) != tuple(names):
-        raise UserError(f"data {config.data.source!r} names its classes {', '.join(names)} but the run's "
-                        f"data.class_names are {', '.join(saved)}: the labels would mean other classes")
-    return config.override(**{"data.class_names": list(names)})
-
-
-def _get_batch(dataset, indices: torch.Tensor) -> torch.Tensor:
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    return torch.stack([dataset[int(i)] for i in indices])
 
 
 # -- one step ---------------------------------------------------------------------------------
@@ -390,24 +315,13 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
     flags[1] *= 1 - flags[0]  # a step is one or the other
     skip = flags.sum()
     if vlb:
-        _record_vlb_losses(r, t_all, torch.cat(vlb_losses), skip)
+        record_vlb_losses(r.timestep_sampler, t_all, torch.cat(vlb_losses), skip, world=r.world,
+                          grad_accum=c.grad_accum)
     _apply_update(r, skip, _ema_decay_at(config, r.step))
     r.scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
     log.add(step_loss, flags)
     r.nonfinite_run.add_(flags[0]).mul_(skip)  # +1 if non-finite, kept if overflow, 0 if applied
     return grad_norm
-
-
-def _record_vlb_losses(r: _Run, t_all: torch.Tensor, mine: torch.Tensor, skip: torch.Tensor) -> None:
-    """Add the step's L_vlb per example to the loss history, unless the step is skipped. Every rank
-    records the whole global batch in its order (micro-step, rank, example), so all ranks keep the
-    same history, and N ranks the history of one process with the same global batch."""
-    if r.world > 1:
-        parts = [torch.empty_like(mine) for _ in range(r.world)]
-        dist.all_gather(parts, mine)
-        mine = torch.stack(parts).view(r.world, r.config.train.grad_accum, -1).transpose(0, 1).reshape(-1)
-    if not skip.item():  # a non-finite loss would fix p_t for its next 10 visits
-        r.timestep_sampler.update(t_all, mine)
 
 
 def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
@@ -466,7 +380,8 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
     checkpoint and, with ``final_preview``, the final preview grid."""
     c, step = r.config.train, r.step
     if r.rank == 0 and ((c.sample_every and step % c.sample_every == 0) or (final and final_preview)):
-        _save_preview(r, r.run_dir / "samples" / f"{'final' if final else f'step-{step:07d}'}.png")
+        path = r.run_dir / "samples" / f"{'final' if final else f'step-{step:07d}'}.png"
+        save_preview(r.ema, r.schedule, r.config, path, device=r.device, amp=r.amp)
     # Not in the middle of a run of skipped (non-finite) steps: such a checkpoint would push the
     # ones from before the trouble out of keep_last while holding nothing newer.
     if final or (c.ckpt_every and step % c.ckpt_every == 0 and not r.nonfinite_run.item()):
@@ -475,38 +390,7 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
         from .evaluate import periodic_eval
 
         periodic_eval(r.ema, r.schedule, r.config.eval, step=step, run_dir=r.run_dir, shape=item_shape(r.config),
-                      sample_kwargs=_preview_kwargs(r.config), data=r.dataset, device=r.device)
-
-
-def _preview_kwargs(config: TrainConfig) -> dict:
-    """The run's sampling options for previews and periodic evaluation; an analytic variance has no
-    table before ``ddpm analytic`` estimates one after training, so they use fixed_small meanwhile."""
-    kwargs = sample_kwargs(config)
-    if kwargs["variance"] == "analytic":
-        kwargs["variance"] = "fixed_small"
-    return kwargs
-
-
-def _save_preview(r: _Run, path: Path) -> None:
-    from . import viz
-    from .samplers import sample
-
-    s, shape = r.config.sample, item_shape(r.config)
-    n = s.num if len(shape) == 1 else min(s.num, 64)
-    num_classes, per_class, cond = getattr(r.config.model, "num_classes", None), None, {}
-    if num_classes is not None:
-        # One row per class (the first n classes if there are more), guided by sample.guidance:
-        # sample i has label i // per_class, as `ddpm sample RUN --class all` draws them.
-        rows = min(num_classes, n)
-        per_class = max(1, n // rows)
-        n = rows * per_class
-        cond = {"labels": torch.arange(rows, device=r.device).repeat_interleave(per_class), "guidance": s.guidance}
-    with torch.no_grad(), accel.autocast(r.device, r.amp):
-        x0 = sample(r.ema, r.schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
-                    generator=r.config.train.seed, device=r.device, **_preview_kwargs(r.config), **cond)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    x0 = x0.float().cpu()
-    viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)
+                      sample_kwargs=preview_kwargs(r.config), data=r.dataset, device=r.device)
 
 
 def _checkpoint(r: _Run) -> None:
@@ -517,24 +401,11 @@ def _checkpoint(r: _Run) -> None:
     if r.rank == 0:
         c = r.config.train
         state = {"step": r.step, "optimizer": r.optimizer.state_dict(), "data_position": r.step * c.grad_accum,
-                 "rng": _rng_states(r.rank, r.world), "world_size": r.world}
+                 "rng": rng_states(r.rank, r.world), "world_size": r.world}
         if r.timestep_sampler is not None:  # the loss history: a resumed run draws the same t
             state["timestep_sampler"] = r.timestep_sampler.state_dict()
         if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
             state["grad_scaler"] = r.scaler.state_dict()
         save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last)
     elif r.world > 1:
-        _rng_states(r.rank, r.world)
-
-
-def _rng_states(rank: int, world: int) -> dict:
-    """Global torch RNG states (they drive dropout) of every rank, gathered to rank 0."""
-    mine = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        mine["cuda"] = torch.cuda.get_rng_state()
-    if world == 1:
-        return {"ranks": [mine]}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return {"ranks": everyone}
-
+        rng_states(r.rank, r.world)
