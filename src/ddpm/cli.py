@@ -18,7 +18,7 @@ import sys
 from .cli_commands import cmd_export, cmd_report, cmd_sample, cmd_schedules, cmd_train
 from .cli_options import (add_class_args, add_model_args, add_sampling_args, add_variance_arg, classes, frames,
                           image_size, positive)
-from .errors import UserError
+from .errors import UserError, first_line
 
 TRAIN_EXAMPLES = """examples:
   ddpm train                                   # mnist preset on the bundled MNIST, fresh runs/mnist-DATE dir
@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ddpm: interrupted", file=sys.stderr)
         return 130
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        print(f"ddpm: error: {lines[0]}", file=sys.stderr)
+        print(f"ddpm: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def _json_value(text: str):
@@ -151,8 +151,7 @@ def _write_run_report(run_dir: Path) -> None:
     try:
         print(f"ddpm: report: {write_report(run_dir)}")
     except Exception as exc:  # the weights and logs are saved; the report can be redone with `ddpm report`
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        print(f"ddpm: warning: could not write the report ({lines[0]}); retry with: ddpm report {run_dir}",
+        print(f"ddpm: warning: could not write the report ({first_line(exc)}); retry with: ddpm report {run_dir}",
               file=sys.stderr)
 
 

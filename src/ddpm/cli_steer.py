@@ -162,19 +162,26 @@ def _model_options(run) -> dict:
 
 # -- the commands -----------------------------------------------------------------------------
 
-def cmd_inpaint(args) -> int:
-    from .batch_sampling import sampler_settings
+def _open_image_run(args, command: str):
+    """(out path, LoadedRun, device) for a command that writes a PNG from an image run."""
     from .cli_commands import load_run
-    from .inpainting import inpaint
-    from .samplers import per_sample_seeds
-    from .viz import save_grid
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {out.name!r}")
     run, device = load_run(args.path, args)
     if len(run.shape) != 3:
-        raise UserError(f"ddpm inpaint needs an image run; {run.path} makes points of shape {run.shape}")
+        raise UserError(f"ddpm {command} needs an image run; {run.path} makes points of shape {run.shape}")
+    return out, run, device
+
+
+def cmd_inpaint(args) -> int:
+    from .batch_sampling import sampler_settings
+    from .inpainting import inpaint
+    from .samplers import per_sample_seeds
+    from .viz import save_grid
+
+    out, run, device = _open_image_run(args, "inpaint")
     known = read_run_image(args.image, run, "--image")
     generate = read_mask(args.mask, known.shape[1:])
     label, guidance = editing_conditioning(run, args)
@@ -193,16 +200,10 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .cli_commands import load_run
     from .interpolation import interpolate
     from .viz import save_grid
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {out.name!r}")
-    run, device = load_run(args.path, args)
-    if len(run.shape) != 3:
-        raise UserError(f"ddpm interpolate needs an image run; {run.path} makes points of shape {run.shape}")
+    out, run, device = _open_image_run(args, "interpolate")
     x_a = read_run_image(args.a, run, "image A").to(device)
     x_b = read_run_image(args.b, run, "image B").to(device)
     label, guidance = editing_conditioning(run, args)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from .accel import AMP_MODES
 from .diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
-from .errors import UserError
+from .errors import UserError, first_line
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES
 
@@ -417,7 +417,7 @@ def read_config_file(path: str | Path) -> dict:
     except UserError:
         raise
     except Exception as exc:  # parse errors of any of the three formats
-        raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: cannot parse config: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: config must be a table/object at the top level")
     return data

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The diffusers release whose file format this module writes (every key below exists there).
@@ -97,7 +97,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read {path}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
@@ -152,7 +152,7 @@ def _read_unet_weights(unet_dir: Path) -> tuple[dict, Path]:
         try:  # the older pickle format; weights_only refuses anything but tensors
             return torch.load(file, map_location="cpu", weights_only=True), file
         except Exception as exc:
-            raise UserError(f"cannot read {file}: {str(exc).strip().splitlines()[0]}") from None
+            raise UserError(f"cannot read {file}: {first_line(exc)}") from None
     raise UserError(f"{unet_dir}: no {' or '.join(WEIGHT_FILES)} (sharded or variant weights are not supported)")
 
 
@@ -178,7 +178,7 @@ def _unet_from_diffusers(unet_dir: Path):
         model = UNet(config)
         model.load_state_dict(convert_diffusers_state_dict(sd, model.state_dict()))
     except ValueError as exc:
-        raise UserError(f"{unet_dir}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{unet_dir}: {first_line(exc)}") from None
     return model, file
 
 
@@ -231,7 +231,7 @@ def diffusion_from_scheduler(raw: dict, where: str):
                                  name=f"diffusers {'trained_betas' if sc['trained_betas'] is not None else name}")
         return diffusion, schedule
     except (ValueError, UserError) as exc:
-        raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{where}: {first_line(exc)}") from None
 
 
 def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu", scheduler_config: str | Path | None = None):

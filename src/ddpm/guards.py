@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .rundir import RESOURCE_ERRNOS
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
@@ -110,8 +110,7 @@ def resource_errors(what: str):
     except (MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{what} ran out of memory ({first[:200]}); lower train.batch_size, the image size or "
+        raise UserError(f"{what} ran out of memory ({first_line(exc)[:200]}); lower train.batch_size, the image size or "
                         f"the model size") from None
     except OSError as exc:
         if exc.errno not in RESOURCE_ERRNOS:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import PILSource, check_labels
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["HFSource", "open_hf", "LABEL_NAMES", "INSTALL_HINT"]
 
@@ -43,11 +43,6 @@ def _datasets():
     return datasets
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _load(target: str, split: str, explicit: bool):
     """The ``datasets.Dataset`` of split ``split`` named by ``target`` (see the module docstring)."""
     datasets = _datasets()
@@ -57,7 +52,7 @@ def _load(target: str, split: str, explicit: bool):
         try:
             loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
         except Exception as exc:  # any failure of the library on the user's files is a user error
-            raise UserError(f"cannot read Hugging Face data set {target}: {_first_line(exc)}") from None
+            raise UserError(f"cannot read Hugging Face data set {target}: {first_line(exc)}") from None
     elif target.startswith(("/", "./", "../", "~")) or path.exists():
         raise UserError(f"Hugging Face data set {target} is not a directory (write one with save_to_disk)"
                         if path.exists() else f"Hugging Face data set directory {target} does not exist")
@@ -65,11 +60,11 @@ def _load(target: str, split: str, explicit: bool):
         try:
             return datasets.load_dataset(target, split=split)
         except ConnectionError as exc:  # also raised in offline mode (HF_HUB_OFFLINE=1) when not cached
-            raise UserError(f"cannot reach the Hugging Face Hub for data set {target!r} ({_first_line(exc)}): "
+            raise UserError(f"cannot reach the Hugging Face Hub for data set {target!r} ({first_line(exc)}): "
                             "load it once with network access (it is then cached), or point hf: at a "
                             "directory written by save_to_disk") from None
         except Exception as exc:
-            raise UserError(f"cannot load Hugging Face data set {target!r}: {_first_line(exc)}") from None
+            raise UserError(f"cannot load Hugging Face data set {target!r}: {first_line(exc)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split in loaded:
             return loaded[split]
