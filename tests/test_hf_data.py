@@ -151,3 +151,20 @@ def test_hub_name_offline_is_a_one_line_error(tmp_path):
     assert "Traceback" not in done.stderr
     with pytest.raises(UserError, match="directory .*nope does not exist"):
         open_source(f"hf:{tmp_path / 'nope'}")
+
+
+def test_training_uses_the_configured_columns(datasets, tmp_path):
+    """`ddpm train --label-column` reaches the data the loop opens: a conditional run on the integer
+    `id` column (5 classes) instead of the detected ClassLabel `label` (3 classes) records id's classes."""
+    import json
+
+    from ddpm.cli import main
+
+    _save_labelled(datasets, tmp_path / "ds", n=10)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", f"hf:{tmp_path / 'ds'}", "--image-size", "8",
+                 "--channels", "3", "--label-column", "id", "--classes", "auto", "--steps", "2",
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["label_column"] == "id"
+    assert config["model"]["num_classes"] == 10

@@ -186,9 +186,10 @@ def cmd_nll(args) -> int:
     else:
         # Open the data as the trainer did; fall back to the model's item shape for another source.
         cfg = run.config.data
-        data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels, split=args.split)
-        if tuple(data.shape) != shape:
-            data = open_source(spec, image_size=shape[-1], channels=shape[0], split=args.split)
+        columns = dict(image_column=cfg.image_column, label_column=cfg.label_column) if spec == cfg.source else {}
+        data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels, split=args.split, **columns)
+        if tuple(data.shape) != shape:  # (C, H, W): H and W apart, for non-square models
+            data = open_source(spec, image_size=tuple(shape[1:]), channels=shape[0], split=args.split, **columns)
         decoder = "discretized"
     K = None if args.timesteps == "all" else int(args.timesteps)
     variance = run.sample_kwargs["variance"]

@@ -13,9 +13,9 @@ from .errors import UserError
 
 
 def open_data(config: TrainConfig):
-    from .data import open_source
+    from .data import open_data as open_configured
 
-    dataset = open_source(config.data.source, image_size=config.data.image_size, channels=config.data.channels)
+    dataset = open_configured(config.data)  # every DataConfig field (incl. hf: image/label columns)
     want = item_shape(config)
     if tuple(dataset.shape) != want:
         raise UserError(f"data {config.data.source!r} has items of shape {tuple(dataset.shape)} but the model "
