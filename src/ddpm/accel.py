@@ -199,18 +199,22 @@ def prepare_model(
 
 
 @torch.no_grad()
-def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
+def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float,
+               keep: torch.Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * param for every pair, in one multi-tensor kernel.
 
     ``lerp_(ema, param, w)`` computes ``ema + w * (param - ema)``, which equals the EMA update
     with ``w = 1 - decay``. Tensors are paired in order; shapes, dtypes and devices must match.
+    ``keep`` (a 0-d tensor on the tensors' device, 1 or 0) scales the weight without a host sync:
+    0 leaves the average unchanged (a skipped training step), 1 gives the plain update bit for bit.
     """
     ema_list = [p.detach() if isinstance(p, nn.Parameter) else p for p in ema_params]
     param_list = [p.detach() for p in params]
     if len(ema_list) != len(param_list):
         raise ValueError(f"ema_update: {len(ema_list)} EMA tensors for {len(param_list)} parameters")
     if ema_list:
-        torch._foreach_lerp_(ema_list, param_list, 1.0 - float(decay))
+        weight = 1.0 - float(decay) if keep is None else keep * (1.0 - float(decay))
+        torch._foreach_lerp_(ema_list, param_list, weight)
 
 
 def make_optimizer(

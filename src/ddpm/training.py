@@ -332,10 +332,8 @@ def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
             r.optimizer.step()
         finally:
             del r.optimizer.found_inf
-        if r.rank == 0:  # ema += (1 - decay) * keep * (theta - ema): zero weight on a skipped step
-            delta = torch._foreach_sub(r.model_tensors, r.ema_tensors)
-            torch._foreach_mul_(delta, (1 - skip) * (1 - decay))
-            torch._foreach_add_(r.ema_tensors, delta)
+        if r.rank == 0:  # zero EMA weight on a skipped step, decided on the device
+            accel.ema_update(r.ema_tensors, r.model_tensors, decay, keep=1 - skip)
     elif not skip.item():
         r.optimizer.step()
         if r.rank == 0:
