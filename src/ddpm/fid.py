@@ -19,7 +19,6 @@ when a network is built, with a clear message when it is missing.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .rundir import sha256_file
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
@@ -48,14 +48,6 @@ def _import_extractor():
     except ImportError as exc:  # torch-fidelity or torchvision missing
         raise UserError(MISSING_FIDELITY) from exc
     return FeatureExtractorInceptionV3
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def manifest_text(step: int, digests: dict[str, tuple[int, str]]) -> str:
     return json.dumps({"format": "ddpm-checkpoint/1", "step": step, "files": files}, indent=1) + "\n"
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoint manifests, FID weights and references)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -154,7 +155,7 @@ def verify(folder: Path, names) -> str | None:
             return f"{name}: not in {MANIFEST}"
         if not path.is_file() or path.stat().st_size != entry.get("bytes"):
             return f"{name}: size differs from {MANIFEST} (truncated or replaced)"
-        if _sha256_of(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             return f"{name}: SHA-256 mismatch"
     return None
 
