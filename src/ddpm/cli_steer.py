@@ -152,12 +152,11 @@ def read_mask(path: str, size_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def _model_options(run) -> dict:
-    """The run's prediction and clipping, and its ancestral variance; an analytic variance needs a
-    table per grid that these commands do not build, so they use fixed_small (as previews do)."""
-    kwargs = {k: run.sample_kwargs[k] for k in ("prediction", "variance", "clip_denoised")}
-    if kwargs["variance"] == "analytic":
-        kwargs["variance"] = "fixed_small"
-    return kwargs
+    """The run's prediction, clipping and ancestral variance, as its previews use them (an analytic
+    variance needs a table per grid that these commands do not build: fixed_small instead)."""
+    from .previews import preview_kwargs
+
+    return preview_kwargs(run.config)
 
 
 # -- the commands -----------------------------------------------------------------------------
