@@ -236,3 +236,13 @@ def test_bare_ddpm_prints_help_instead_of_training(capsys, tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "usage: ddpm" in out and "train" in out and "sample" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_set_null_clears_a_setting_of_the_preset_or_config_file(tmp_path):
+    # mnist's 14-minute budget (which would drive its decay by the clock) removed from the command line
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"preset": "tiny", "train": {"max_minutes": 5.0}}))
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(cfg), "--no-progress", "--steps", "1", "--set", "train.max_minutes=null",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] is None

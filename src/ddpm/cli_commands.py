@@ -115,6 +115,8 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_dict(read_config_file(saved)).override(**overrides)
     else:
         config = resolve_config(args.preset, args.config, **overrides)
+    # resolve_config skips None (an option not given); --set KEY=null is given: it clears KEY
+    config = config.override(**{k: None for k, v in overrides.items() if v is None})
     config = _size_model_to_data(config, overrides)
     if args.classes == "auto":
         config = config.override(**{"model.num_classes": _classes_in_data(config), **late})
