@@ -18,12 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ddpm.budget import TimeBudget
+from ddpm.budget import lr_at as _lr_at
 from ddpm.checkpoint import list_checkpoints, load
 from ddpm.config import TrainConfig
 from ddpm.data import open_source
+from ddpm.errors import UserError
 from ddpm.loader import IndexStream
 from ddpm.presets import get_preset
-from ddpm.training import _ema_decay_at, _lr_at, train
+from ddpm.training import _ema_decay_at, train
 from ddpm.unet import UNet
 
 
@@ -190,6 +193,49 @@ def test_lr_warmup_cosine_and_ema_warmup():
     assert _ema_decay_at(c, 0) == pytest.approx(1 / 10) and _ema_decay_at(c, 10**6) == 0.999
     c = c.override(**{"train.ema_warmup": 0})
     assert _ema_decay_at(c, 0) == 0.999
+
+
+def test_the_clock_drives_the_decay_when_it_is_ahead_of_the_steps():
+    c = get_preset("mnist").override(**{"train.steps": 1100, "optim.warmup": 100, "optim.lr": 1e-3,
+                                      "optim.decay": "cosine", "optim.min_lr_ratio": 0.1})
+    at = lambda p: 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * p))  # noqa: E731
+    assert _lr_at(c, 200, time_fraction=0.5) == pytest.approx(at(0.5))  # the clock ahead: it decides
+    assert _lr_at(c, 600, time_fraction=0.2) == pytest.approx(at(0.5))  # the steps ahead: they decide
+    assert _lr_at(c, 200, time_fraction=1.7) == pytest.approx(1e-4)  # a spent budget: the floor, not past it
+    assert _lr_at(c, 50, time_fraction=0.9) == pytest.approx(1e-3 * 51 / 100)  # the warm-up is counted in steps
+    with pytest.raises(UserError, match="elapsed_s"):
+        TimeBudget(1.0).load_state_dict({"elapsed_s": float("nan")}, "state.pt")
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_time_budgeted_run_finishes_its_decay_and_a_resume_continues_the_budget(tmp_path, tiny):
+    # 10**6 steps could never finish in 2 s: without the clock the rate would barely move.
+    c = tiny(**{"train.steps": 10**6, "train.max_minutes": 2 / 60, "train.log_every": 1, "train.ckpt_every": 0,
+                "optim.decay": "cosine", "optim.min_lr_ratio": 0.1})
+    run = train(c, out=tmp_path / "r")
+    records = read_log(run)
+    step = records[-1]["step"]
+    assert 10 < step < 10**6 and [s for s, _ in list_checkpoints(run)] == [step]
+    assert records[-1]["progress"] == 1.0 and records[-1]["time_fraction"] > 1  # stopped by the clock
+    assert records[-1]["elapsed_s"] >= 2
+    after_warmup = [r["lr"] for r in records[2:]]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # decaying all the way
+    assert after_warmup[-1] < 1e-3 * 0.15  # down to the floor's neighbourhood (0.1 of the peak) by the end
+    progress = [r["progress"] for r in records]
+    assert progress == sorted(progress) and progress[len(progress) // 2] > 0.2  # the clock, not the steps
+    state = torch.load(run / f"ckpt-{step:07d}" / "state.pt", weights_only=True)
+    assert state["time_budget"]["elapsed_s"] >= 2
+
+    with pytest.raises(UserError, match="already used its 0.0333333-minute budget"):
+        train(c, out=run, resume=True)
+    train(c.override(**{"train.max_minutes": 4 / 60}), out=run, resume=True)
+    resumed = [r for r in read_log(run) if r["step"] > step]
+    assert resumed and resumed[0]["time_fraction"] > 0.5  # the first session's 2 s count against the budget
+    assert resumed[0]["lr"] < 1e-3 * 0.6 and resumed[-1]["progress"] == 1.0
+    assert resumed[-1]["elapsed_s"] < records[-1]["elapsed_s"] + 4  # ~2 s more: the 4 s budget in all
 
 
 def test_periodic_eval_runs_every_n_steps_when_asked_and_is_off_by_default(tmp_path):

@@ -293,7 +293,8 @@ def _summary(run_dir: Path, config: dict | None, log: list[dict]) -> str:
             items.append(f"U-Net {html.escape(json.dumps(model['image_size']))} px, {model.get('in_channels')} "
                          f"channel(s), ch {model.get('ch')}")
     if log:
-        # elapsed_s restarts at 0 in a resumed session: add up the sessions.
+        # elapsed_s counts on across resumes, but restarted at 0 in the sessions of older runs: add
+        # up what each session reached.
         elapsed = [float(r.get("elapsed_s", 0.0)) for r in log]
         total = sum(a for a, b in zip(elapsed, elapsed[1:] + [-1.0]) if b < a)
         items.append(f"training time <b>{total / 60:.1f} min</b>")

@@ -2,7 +2,9 @@
 
 One JSON object per log interval (``step``, mean ``loss`` over the interval's steps with a finite
 loss, ``lr``, ``grad_norm`` of the last step, ``skipped_nonfinite`` steps, ``ema_decay``,
-``it_per_s``, ``elapsed_s``; under fp16 also ``skipped_overflow``, the steps the loss scaler
+``it_per_s``, ``elapsed_s`` (training time, counted on across resumes), ``progress`` (the fraction of
+the learning-rate schedule reached: by steps, or by the clock under ``train.max_minutes``; see
+``ddpm.budget``) and with a time budget ``time_fraction`` (its share used); under fp16 also ``skipped_overflow``, the steps the loss scaler
 skipped, and ``loss_scale``), written by rank 0 and flushed at once. NaN/Inf are written as null, so every
 line stays JSON that strict parsers (``jq``, JavaScript) accept.
 
@@ -32,7 +34,7 @@ class RunLog:
     what needs closing goes on ``stack``."""
 
     def __init__(self, run_dir: Path, *, rank: int, world: int, step: int, steps: int, progress: bool,
-                 device: torch.device, stack: contextlib.ExitStack):
+                 device: torch.device, stack: contextlib.ExitStack, time_fraction: float = 0.0):
         from tqdm import tqdm
 
         self.world, self.file, self.tb = world, None, None
@@ -47,18 +49,22 @@ class RunLog:
                                             unit="step", dynamic_ncols=True))
         # summed per step on the device, read per record: [loss, non-finite steps, overflow steps]
         self.sums = torch.zeros(3, device=device)
-        self.t_start = self.t_last = time.monotonic()
-        self.step_last = step
+        self.t_last = time.monotonic()
+        self.step_last = self.step_first = step
+        self.fraction_first = time_fraction  # of the time budget, used before this session
 
     def add(self, step_loss: torch.Tensor, flags: torch.Tensor) -> None:
         """Count one step (no host sync): its loss unless ``flags[0]`` (non-finite), and ``flags``
         ([non-finite, fp16 overflow], each 0 or 1)."""
         self.sums += torch.cat([torch.where(flags[0] > 0, 0.0, step_loss).view(1), flags])
 
-    def write(self, step: int, lr: float, grad_norm: torch.Tensor, ema_decay: float,
+    def write(self, step: int, lr: float, grad_norm: torch.Tensor, ema_decay: float, *,
+              progress: float, elapsed: float, time_fraction: float | None = None,
               loss_scale: float | None = None) -> None:
         """One record of the mean loss since the last one (averaged over ranks: every rank calls
-        this); ``loss_scale`` (fp16 runs) adds it and the overflow count to the record."""
+        this); ``loss_scale`` (fp16 runs) adds it and the overflow count to the record. With a time
+        budget (``time_fraction``) the progress bar's total becomes the number of steps the budget
+        is projected to allow."""
         if self.world > 1:
             dist.all_reduce(self.sums)
             self.sums /= self.world  # every rank skipped the same steps: their count survives the mean
@@ -68,7 +74,14 @@ class RunLog:
         record = {"step": step, "loss": loss_sum / (steps - skipped) if steps > skipped else None, "lr": lr,
                   "grad_norm": _finite_or_none(float(grad_norm)), "skipped_nonfinite": skipped,
                   "ema_decay": ema_decay, "it_per_s": steps / max(now - self.t_last, 1e-9),
-                  "elapsed_s": now - self.t_start}
+                  "elapsed_s": elapsed, "progress": progress}
+        if time_fraction:
+            record["time_fraction"] = time_fraction
+            if self.fraction_first < time_fraction < 1:  # at this session's pace, where the budget ends
+                projected = self.step_first + (step - self.step_first) * (1 - self.fraction_first) / (
+                    time_fraction - self.fraction_first)
+                if projected < self.bar.total:  # the clock, not the step count, will end the run
+                    self.bar.total = max(step, round(projected))
         if loss_scale is not None:
             record.update(skipped_overflow=overflow, loss_scale=loss_scale)
         if self.file is not None:

@@ -53,7 +53,6 @@ import copy
 import dataclasses
 import math
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ import torch.distributed as dist
 from . import accel, guards
 from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
 from .config import TrainConfig, build_model
+from .budget import TimeBudget, lr_at, step_progress
 from .diffusion import training_loss
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .errors import UserError
@@ -105,19 +105,22 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
     with guards.resource_errors("training"), contextlib.ExitStack() as stack:  # closed on every way out
         r = _setup(config, out, resume, stack)  # process group, lock, data, model, EMA, optimizer, resume
         log = RunLog(r.run_dir, rank=r.rank, world=r.world, step=r.step, steps=c.steps, progress=c.progress,
-                     device=r.device, stack=stack)  # log.jsonl, TensorBoard, progress bar
+                     device=r.device, stack=stack, time_fraction=r.time_fraction)  # log.jsonl, TensorBoard, bar
         signals = stack.enter_context(guards.stop_signals())  # the first SIGINT/SIGTERM/SIGHUP -> signals[0]
+        r.budget.start()
         while r.step < c.steps:  # Algorithm 1, lines 1 and 6: repeat until the step budget is spent
-            lr = _lr_at(config, r.step)
+            lr = lr_at(config, r.step, r.time_fraction)  # the decay follows steps or the clock (ddpm.budget)
             grad_norm = _optimizer_step(r, lr, log)  # Algorithm 1, lines 2-5; EMA (skipped when non-finite)
             r.step += 1
             log.bar.update(1)
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
-            stop = _should_stop(r, log.t_start, signals[0], at_log)  # "time", a signal number or None
-            if at_log:
+            stop = _should_stop(r, signals[0], at_log)  # "time", a signal number or None
+            if at_log or stop is not None:  # the last record holds the step and progress reached
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
-                          loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None)
+                          loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None,
+                          progress=max(step_progress(config, r.step), min(1.0, r.time_fraction)),
+                          elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None)
             if at_log or r.step % c.max_nonfinite == 0:
                 _check_divergence(r)  # before any save: a diverged run keeps its last checkpoint
             # (no final grid after a signal: the user wants out, the checkpoint is what matters)
@@ -150,7 +153,9 @@ class _Run:
     optimizer: torch.optim.Optimizer
     step: int  # optimizer steps completed (skipped non-finite ones included)
     scaler: torch.amp.GradScaler  # loss scaling under fp16 (disabled: every call a pass-through)
+    budget: TimeBudget  # train.max_minutes and the training time used, across resumes
     timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
+    time_fraction: float = 0.0  # share of the time budget used, as of the last stop check
 
     def __post_init__(self):
         self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
@@ -210,9 +215,14 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     timestep_sampler = (LossAwareTimestepSampler(config.diffusion.timesteps)
                         if config.diffusion.objective == "vlb" else None)
     scaler = accel.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
+    budget = TimeBudget(c.max_minutes)
     if latest is not None:
         step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world,
-                                      timestep_sampler=timestep_sampler, grad_scaler=scaler)
+                                      timestep_sampler=timestep_sampler, grad_scaler=scaler, time_budget=budget)
+        if budget.fraction() >= 1 and step < c.steps:
+            raise UserError(f"{run_dir} already used its {c.max_minutes:g}-minute budget (train.max_minutes) at "
+                            f"step {step}; to train on, resume with a larger one, e.g. --set train.max_minutes="
+                            f"{2 * c.max_minutes:g}")
     else:
         torch.manual_seed(c.seed + rank)  # dropout differs per rank, as with independent shards
     accel.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
@@ -222,21 +232,10 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
-                scaler=scaler, timestep_sampler=timestep_sampler)
+                scaler=scaler, budget=budget, timestep_sampler=timestep_sampler, time_fraction=budget.fraction())
 
 
 # -- one step ---------------------------------------------------------------------------------
-
-def _lr_at(config: TrainConfig, step: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to ``min_lr_ratio * lr``."""
-    o, steps = config.optim, config.train.steps
-    if o.warmup and step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    if o.decay == "constant":
-        return o.lr
-    progress = min(1.0, (step - o.warmup) / max(1, steps - o.warmup))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 def _ema_decay_at(config: TrainConfig, step: int) -> float:
     # Warm-up: a young average forgets its random initialisation quickly (1 + t) / (w + t).
@@ -343,19 +342,21 @@ def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
 
 # -- stopping ------------------------------------------------------------------------------------
 
-def _should_stop(r: _Run, t_start: float, signum: int | None, at_log: bool) -> int | str | None:
-    """The signal number received, "time" when the time budget is spent, else None. Under DDP the
-    ranks decide together (any rank's reason stops all of them, with the same signal number),
-    and only at log steps, where they synchronise anyway."""
+def _should_stop(r: _Run, signum: int | None, at_log: bool) -> int | str | None:
+    """The signal number received, "time" when the time budget is spent, else None; updates
+    ``r.time_fraction``, which drives the next steps' learning rate. Under DDP the ranks decide
+    together (any rank's reason stops all of them, with the same signal number; all take the
+    largest clock reading, so that their rates stay equal), and only at log steps, where they
+    synchronise anyway."""
     if r.world > 1 and not at_log:
         return None
-    max_minutes = r.config.train.max_minutes
-    late = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
+    fraction = r.budget.fraction()
     if r.world > 1:
-        flags = torch.tensor([float(signum or 0), float(late)], device=r.device)
+        flags = torch.tensor([float(signum or 0), fraction], dtype=torch.float64, device=r.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, late = int(flags[0].item()) or None, bool(flags[1].item())
-    return signum if signum else ("time" if late else None)
+        signum, fraction = int(flags[0].item()) or None, float(flags[1].item())
+    r.time_fraction = fraction
+    return signum if signum else ("time" if fraction > 1 else None)
 
 
 def _check_divergence(r: _Run) -> None:
@@ -404,6 +405,7 @@ def _checkpoint(r: _Run) -> None:
             state["timestep_sampler"] = r.timestep_sampler.state_dict()
         if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
             state["grad_scaler"] = r.scaler.state_dict()
+        state["time_budget"] = r.budget.state_dict()  # training time so far: a resumed run continues its decay
         save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last)
     elif r.world > 1:
         rng_states(r.rank, r.world)

@@ -12,6 +12,7 @@ Expected layout (written by ``ddpm.training``)::
      "exp_avg_sq": T_i}}, "param_groups": [{..., "params": [i, ...]}]},
      "rng": {"ranks": [{"cpu": uint8 tensor, "cuda": uint8 tensor (optional)}, ...]},
      "data_position": int, "world_size": int, "grad_scaler": GradScaler.state_dict() (fp16 runs),
+     "time_budget": {"elapsed_s": float} (training time so far; checked by ddpm.budget),
      "timestep_sampler": LossAwareTimestepSampler.state_dict() (objective "vlb"; checked by
      ddpm.checkpoint when restored)}
 """
