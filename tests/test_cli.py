@@ -246,3 +246,11 @@ def test_set_null_clears_a_setting_of_the_preset_or_config_file(tmp_path):
     assert main(["train", "--config", str(cfg), "--no-progress", "--steps", "1", "--set", "train.max_minutes=null",
                  "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] is None
+
+
+def test_train_says_when_its_time_budget_ended_the_run(tmp_path, capsys):
+    assert main(["train", *TINY, "--steps", "100000", "--max-minutes", "0.01", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "100000 steps or 0.01 minutes, whichever ends first (the learning rate decays over both)" in out
+    assert re.search(r"the 0.01-minute budget \(train.max_minutes\) ended the run at step \d+ of at most 100000, "
+                     r"with its learning-rate decay finished", out)

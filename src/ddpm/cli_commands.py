@@ -124,6 +124,7 @@ def cmd_train(args) -> int:
         print(f"ddpm: training {config.name} {_training_mode(config)}", flush=True)
     run_dir = train(config, out=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the run's files
+        _say_how_it_ended(run_dir, config)
         _write_run_report(run_dir)
     print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
           f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
@@ -143,7 +144,23 @@ def _training_mode(config) -> str:
     # an explicit mode may come from the preset or the config file rather than a flag
     mode = describe_amp(resolve_amp(requested, device), requested,
                         source=f"train.amp={requested}; --amp auto to choose per device")
-    return f"on {device} in {mode}"
+    budget = config.train.max_minutes
+    length = (f"{config.train.steps} steps or {budget:g} minutes, whichever ends first (the learning rate "
+              f"decays over both)" if budget else f"{config.train.steps} steps")
+    return f"on {device} in {mode}, {length}"
+
+
+def _say_how_it_ended(run_dir: Path, config) -> None:
+    """One line when the clock, not the step count, ended the run (from log.jsonl's last record)."""
+    import json
+
+    try:
+        last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return
+    if (last.get("time_fraction") or 0) >= 1 and last.get("step", 0) < config.train.steps:
+        print(f"ddpm: the {config.train.max_minutes:g}-minute budget (train.max_minutes) ended the run at step "
+              f"{last['step']} of at most {config.train.steps}, with its learning-rate decay finished")
 
 
 def _write_run_report(run_dir: Path) -> None:
