@@ -53,21 +53,25 @@ class Workload:
         }[self.name]
 
 
-def plan(device: torch.device, quick: bool) -> list[Workload]:
+def plan(device: torch.device, quick: bool, compile: bool = False) -> list[Workload]:
     if device.type == "cpu":
         # Each side as a user gets it by default: ours trains with accel.make_optimizer (fused
         # Adam) and accel.ema_update, diffusers with torch's default Adam and EMAModel.
         d32, o32 = ("diffusers", "diffusers", Mode()), ("ours", "ours", Mode(fused=True))
-        # Best modes: bf16 autocast (AMX/AVX-512 BF16) with channels_last, which oneDNN convolves
-        # about 18% faster than NCHW in bf16 (forward, batch 8).
+        # Best eager modes: bf16 autocast (AMX/AVX-512 BF16) with channels_last, which oneDNN
+        # convolves about 18% faster than NCHW in bf16 (forward, batch 8).
         obf = ("ours-best", "ours", Mode(amp="bf16", channels_last=True, fused=True))
         dbf = ("diffusers-best", "diffusers", Mode(amp="bf16", channels_last=True))
         base = [d32, o32, obf] if quick else [d32, o32, obf, dbf]
+        # --compile, for information: both sides' best mode under torch.compile (inductor's C++
+        # kernels; minutes of compilation per side on a small CPU).
+        compiled = [("ours-compiled", "ours", Mode(amp="bf16", channels_last=True, compile=True, fused=True)),
+                    ("diffusers-compiled", "diffusers", Mode(amp="bf16", channels_last=True, compile=True))]
         b = 2 if quick else 8
         return [
             Workload("train", b, reps=1 if quick else 3, contestants=base),
-            Workload("step", b, reps=2 if quick else 5, contestants=base),
-            Workload("ddim", b, steps=3 if quick else 50, reps=1, warmup=0, contestants=[d32, o32, obf]),
+            Workload("step", b, reps=2 if quick else 5, contestants=base + (compiled if compile else [])),
+            Workload("ddim", b, steps=3 if quick else 50, reps=1, warmup=0, contestants=base),
         ]
     # CUDA: both sides in their best mode (compile, bf16, channels_last, fused optimizer/EMA),
     # and eager bf16 beside them: no compilation to pay for, and a result even if compile fails.
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 steadies timings on an oversubscribed CPU")
     p.add_argument("--only", default=None, help="comma-separated workload kinds to run (train,step,ddim,ancestral)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: add both sides under torch.compile to the sampling-step workload (for information)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["cuda"] = f"{torch.version.cuda}, cudnn.benchmark on, TF32 allowed"
     only = set(args.only.split(",")) if args.only else None
     rows: list[dict] = []
-    for w in plan(device, args.quick):
+    for w in plan(device, args.quick, args.compile):
         if only and w.name not in only:
             continue
         elapsed = time.perf_counter() - start

@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--ckpt-every", "train.ckpt_every", int, "checkpoint every N steps (0 = only at the end)"),
         ("--keep-last", "train.keep_last", int, "checkpoints to keep"),
         ("--log-every", "train.log_every", int, "log (JSONL, progress bar) every N steps"),
-        ("--max-minutes", "train.max_minutes", float, "stop and save after this many minutes"),
+        ("--max-minutes", "train.max_minutes", float,
+         "time budget: stop and save after this many minutes of training; the learning rate decays over it"),
         ("--amp", "train.amp", str, "autocast: auto (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, "
          "else float32), off, bf16, fp16 (default: the preset's)"),
         ("--device", "train.device", str, "auto, cpu, cuda"),

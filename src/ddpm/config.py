@@ -130,7 +130,7 @@ class LoopConfig:
     sample_every: int = 10_000  # 0 = previews only at the end
     ckpt_every: int = 10_000  # 0 = checkpoint only at the end
     keep_last: int = 3
-    max_minutes: Optional[float] = None  # wall-clock budget: stop (and save) once it is spent
+    max_minutes: Optional[float] = None  # time budget: stop (and save) once spent; the lr decays over it (ddpm.budget)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal[AMP_CHOICES] = "auto"  # auto = bf16 on CUDA and on CPUs with native bf16, else off (accel.resolve_amp)
     channels_last: bool = False
