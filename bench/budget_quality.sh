@@ -4,11 +4,12 @@
 # shares the CPU; then the classifier-pass share of 1,000 samples from each run (the same
 # sampling seeds 1..1000, bf16 autocast, the run's ancestral-100 sampler).
 #
-#   bash bench/budget_quality.sh OUT_DIR        # about 35 minutes on a 2-core CPU; run it alone
+#   bash bench/budget_quality.sh OUT_DIR [idle|busy|both]   # both: about 40 minutes on a 2-core CPU
 #
 # Prints one line per run (wall time, steps reached, pass rate) and keeps the runs in OUT_DIR.
 set -euo pipefail
-out=${1:?usage: bench/budget_quality.sh OUT_DIR}
+out=${1:?usage: bench/budget_quality.sh OUT_DIR [idle|busy|both]}
+which=${2:-both}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 
@@ -18,12 +19,19 @@ train() {  # train DIR LOG: the default run, timed from process start to exit
   echo "$(date +%s.%N) - $start" | bc > "$1.wall_s"
 }
 
-train "$out/idle" "$out/idle.log"
-train "$out/busy-a" "$out/busy-a.log" & a=$!
-train "$out/busy-b" "$out/busy-b.log" & b=$!  # the second busy process: the same job, at the same time
-wait $a $b
+runs=()
+if [[ $which != busy ]]; then
+  train "$out/idle" "$out/idle.log"
+  runs+=(idle)
+fi
+if [[ $which != idle ]]; then
+  train "$out/busy-a" "$out/busy-a.log" & a=$!
+  train "$out/busy-b" "$out/busy-b.log" & b=$!  # the second busy process: the same job, at the same time
+  wait $a $b
+  runs+=(busy-a busy-b)
+fi
 
-for run in idle busy-a busy-b; do
+for run in "${runs[@]}"; do
   python "$here/mnist_quality.py" "$out/$run" --num 1000 --amp bf16 --seed 1 --json "$out/quality.jsonl" \
     > "$out/$run.quality.txt"
   steps=$(tail -n 1 "$out/$run/log.jsonl" | python -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["step"], r["progress"])')

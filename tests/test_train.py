@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm.budget import TimeBudget
+from ddpm.budget import CpuThreads, TimeBudget
 from ddpm.budget import lr_at as _lr_at
 from ddpm.checkpoint import list_checkpoints, load
 from ddpm.config import TrainConfig
@@ -207,6 +207,34 @@ def test_the_clock_drives_the_decay_when_it_is_ahead_of_the_steps():
         TimeBudget(1.0).load_state_dict({"elapsed_s": float("nan")}, "state.pt")
 
 
+def test_cpu_threads_follow_the_load_of_other_processes():
+    clock = {"busy": 0.0, "own": 0.0, "t": 0.0}  # machine busy seconds, this process's CPU seconds, wall
+    calls = []
+    threads = CpuThreads(2, busy_seconds=lambda: clock["busy"], own_seconds=lambda: clock["own"],
+                         clock=lambda: clock["t"], set_threads=calls.append)
+    clock.update(busy=19, own=18.5, t=10)  # alone (plus a little kernel noise): both cores ours
+    assert threads.update() == 2 and calls == []
+    clock.update(busy=39, own=28.5, t=20)  # another process took a core: we got one of the two
+    assert threads.update() == 1 and calls == [1]
+    clock.update(busy=59, own=38.5, t=30)  # it still runs
+    assert threads.update() == 1 and calls == [1]
+    clock.update(busy=68, own=47.5, t=40)  # it ended: our one thread is all that runs
+    assert threads.update() == 2 and calls == [1, 2]
+    clock.update(busy=None, t=50)  # /proc/stat unreadable: the count is kept
+    assert threads.update() == 2 and calls == [1, 2]
+
+
+def test_a_budgeted_cpu_run_without_omp_num_threads_records_its_threads_and_restores_them(
+        tmp_path, tiny, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    run = train(tiny(**{"train.steps": 10**6, "train.max_minutes": 0.5 / 60, "train.log_every": 1,
+                        "train.ckpt_every": 0}), out=tmp_path / "r")
+    threads = [r["threads"] for r in read_log(run)]
+    assert threads and all(1 <= n <= len(os.sched_getaffinity(0)) for n in threads)
+    assert torch.get_num_threads() == before
+
+
 def read_log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -228,6 +256,7 @@ def test_a_time_budgeted_run_finishes_its_decay_and_a_resume_continues_the_budge
     assert progress == sorted(progress) and progress[len(progress) // 2] > 0.2  # the clock, not the steps
     state = torch.load(run / f"ckpt-{step:07d}" / "state.pt", weights_only=True)
     assert state["time_budget"]["elapsed_s"] >= 2
+    assert "threads" not in records[-1]  # OMP_NUM_THREADS (set by conftest) fixes the thread count
 
     with pytest.raises(UserError, match="already used its 0.0333333-minute budget"):
         train(c, out=run, resume=True)

@@ -29,7 +29,7 @@ def _mnist() -> TrainConfig:
     The seed's cosine schedule, the thin ``mnist`` U-Net (0.64M parameters), min-SNR weighting
     with gamma 1, peak lr 2e-3 decayed by a cosine, bf16 autocast, an EMA whose warm-up governs
     the whole run, previews by ancestral sampling on 100 respaced steps. Its length is a time
-    budget: 14.5 minutes of training (``max_minutes``; start-up, the final grid and the report fit in
+    budget: 14 minutes of training (``max_minutes``; start-up, the final grid and the report fit in
     the rest of the 15), over which the learning rate decays (``ddpm.budget``), so a slow or busy
     machine takes fewer steps and still finishes its schedule; 20,000 steps cap it on a fast one
     (a 2-core CPU reaches about 6,000 alone). Measurements behind each choice: docs/mnist-recipe.md.
@@ -39,7 +39,7 @@ def _mnist() -> TrainConfig:
         diffusion=DiffusionConfig(schedule="cosine", timesteps=1000, weighting="min_snr", min_snr_gamma=1.0),
         optim=OptimConfig(lr=2e-3, warmup=100, decay="cosine", min_lr_ratio=0.1, grad_clip=1.0),
         train=LoopConfig(steps=20_000, batch_size=64, ema_decay=0.999, ema_warmup=10, amp="bf16",
-                         log_every=50, sample_every=1000, ckpt_every=500, keep_last=2, max_minutes=14.5),
+                         log_every=50, sample_every=1000, ckpt_every=500, keep_last=2, max_minutes=14.0),
         data=DataConfig(source="mnist"),
         sample=SampleConfig(sampler="ddpm", steps=100, num=64),
         name="mnist",
@@ -58,7 +58,7 @@ def _mnist_learned() -> TrainConfig:
 
 
 def _mnist_cond() -> TrainConfig:
-    """``mnist`` made class-conditional: the same recipe (schedule, optimizer, the 14.5-minute time
+    """``mnist`` made class-conditional: the same recipe (schedule, optimizer, the 14-minute time
     budget) and the same network with a label embedding, ``UNet.from_preset("mnist",
     num_classes=10)``; 10% of the labels are dropped to the null label (``train.cond_drop_prob``),
     so one network is both the conditional and the unconditional model of classifier-free guidance

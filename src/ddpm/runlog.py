@@ -4,7 +4,8 @@ One JSON object per log interval (``step``, mean ``loss`` over the interval's st
 loss, ``lr``, ``grad_norm`` of the last step, ``skipped_nonfinite`` steps, ``ema_decay``,
 ``it_per_s``, ``elapsed_s`` (training time, counted on across resumes), ``progress`` (the fraction of
 the learning-rate schedule reached: by steps, or by the clock under ``train.max_minutes``; see
-``ddpm.budget``) and with a time budget ``time_fraction`` (its share used); under fp16 also ``skipped_overflow``, the steps the loss scaler
+``ddpm.budget``) and with a time budget ``time_fraction`` (its share used) and, on the CPU, the torch
+``threads`` chosen for the load; under fp16 also ``skipped_overflow``, the steps the loss scaler
 skipped, and ``loss_scale``), written by rank 0 and flushed at once. NaN/Inf are written as null, so every
 line stays JSON that strict parsers (``jq``, JavaScript) accept.
 
@@ -59,7 +60,7 @@ class RunLog:
         self.sums += torch.cat([torch.where(flags[0] > 0, 0.0, step_loss).view(1), flags])
 
     def write(self, step: int, lr: float, grad_norm: torch.Tensor, ema_decay: float, *,
-              progress: float, elapsed: float, time_fraction: float | None = None,
+              progress: float, elapsed: float, time_fraction: float | None = None, threads: int | None = None,
               loss_scale: float | None = None) -> None:
         """One record of the mean loss since the last one (averaged over ranks: every rank calls
         this); ``loss_scale`` (fp16 runs) adds it and the overflow count to the record. With a time
@@ -75,6 +76,8 @@ class RunLog:
                   "grad_norm": _finite_or_none(float(grad_norm)), "skipped_nonfinite": skipped,
                   "ema_decay": ema_decay, "it_per_s": steps / max(now - self.t_last, 1e-9),
                   "elapsed_s": elapsed, "progress": progress}
+        if threads is not None:  # a budgeted CPU run adapting its threads to the load (ddpm.budget)
+            record["threads"] = threads
         if time_fraction:
             record["time_fraction"] = time_fraction
             if self.fraction_first < time_fraction < 1:  # at this session's pace, where the budget ends

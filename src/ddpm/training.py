@@ -52,6 +52,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ import torch.distributed as dist
 from . import accel, guards
 from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
 from .config import TrainConfig, build_model
-from .budget import TimeBudget, lr_at, step_progress
+from .budget import CpuThreads, TimeBudget, lr_at, step_progress
 from .diffusion import training_loss
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .errors import UserError
@@ -117,10 +118,12 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
             stop = _should_stop(r, signals[0], at_log)  # "time", a signal number or None
             if at_log or stop is not None:  # the last record holds the step and progress reached
+                threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
                           loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None,
                           progress=max(step_progress(config, r.step), min(1.0, r.time_fraction)),
-                          elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None)
+                          elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None,
+                          threads=threads)
             if at_log or r.step % c.max_nonfinite == 0:
                 _check_divergence(r)  # before any save: a diverged run keeps its last checkpoint
             # (no final grid after a signal: the user wants out, the checkpoint is what matters)
@@ -156,6 +159,7 @@ class _Run:
     budget: TimeBudget  # train.max_minutes and the training time used, across resumes
     timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
     time_fraction: float = 0.0  # share of the time budget used, as of the last stop check
+    cpu_threads: CpuThreads | None = None  # a budgeted one-process CPU run: threads follow the load
 
     def __post_init__(self):
         self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
@@ -232,7 +236,17 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
-                scaler=scaler, budget=budget, timestep_sampler=timestep_sampler, time_fraction=budget.fraction())
+                scaler=scaler, budget=budget, timestep_sampler=timestep_sampler, time_fraction=budget.fraction(),
+                cpu_threads=_cpu_threads(c, device, world, stack))
+
+
+def _cpu_threads(c, device: torch.device, world: int, stack: contextlib.ExitStack) -> CpuThreads | None:
+    # Only where bit-exactness is given up anyway (the clock drives a budgeted run), as threads can
+    # change the order of reductions; an explicit OMP_NUM_THREADS is the user's choice, kept.
+    if device.type != "cpu" or world > 1 or c.max_minutes is None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    stack.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's count again afterwards
+    return CpuThreads()
 
 
 # -- one step ---------------------------------------------------------------------------------
