@@ -31,7 +31,7 @@ KINDS = [
     ("convolution", ("conv", "mkldnn_convolution")),
     ("normalisation (GroupNorm)", ("group_norm", "native_group_norm", "batch_norm")),
     ("attention (SDPA, bmm)", ("scaled_dot_product", "flash_attention", "bmm", "baddbmm", "softmax")),
-    ("linear (time embedding)", ("addmm", "aten::mm", "linear")),
+    ("linear (time embedding, attention projections)", ("addmm", "aten::mm", "linear")),
     ("elementwise (SiLU, adds, sampler update)", ("silu", "add", "mul", "sub", "div", "sqrt", "where", "clamp",
                                                    "lerp", "exp", "sin", "cos", "neg", "pow", "randn", "normal",
                                                    "bernoulli", "dropout", "_foreach", "adam", "fused", "sum",
