@@ -41,7 +41,8 @@ gradients overflow (finite loss, inf gradients) is skipped the same way, logged 
 in each checkpoint, so a resumed fp16 run is still the uninterrupted one.
 
 Because the randomness of step k depends only on (seed, k) and the data position is a function
-of k, a run stopped at step k and resumed reproduces the uninterrupted run bit for bit on CPU,
+of k, a run stopped at step k and resumed reproduces the uninterrupted run bit for bit on CPU
+(unless ``train.max_minutes`` is set: then the clock drives the learning rate, ``ddpm.budget``),
 and N ranks (or grad_accum micro-steps) with global batch B see exactly the data and noise of
 one process with batch B.
 """
@@ -61,9 +62,9 @@ import torch
 import torch.distributed as dist
 
 from . import accel, guards
+from .budget import CpuThreads, TimeBudget, lr_at, step_progress
 from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
 from .config import TrainConfig, build_model
-from .budget import CpuThreads, TimeBudget, lr_at, step_progress
 from .diffusion import training_loss
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .errors import UserError
