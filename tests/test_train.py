@@ -211,7 +211,7 @@ def test_cpu_threads_follow_the_load_of_other_processes():
     clock = {"busy": 0.0, "own": 0.0, "t": 0.0}  # machine busy seconds, this process's CPU seconds, wall
     calls = []
     threads = CpuThreads(2, busy_seconds=lambda: clock["busy"], own_seconds=lambda: clock["own"],
-                         clock=lambda: clock["t"], set_threads=calls.append)
+                         clock=lambda: clock["t"], get_threads=lambda: 2, set_threads=calls.append)
     clock.update(busy=19, own=18.5, t=10)  # alone (plus a little kernel noise): both cores ours
     assert threads.update() == 2 and calls == []
     clock.update(busy=39, own=28.5, t=20)  # another process took a core: we got one of the two

@@ -33,7 +33,7 @@ import time
 
 from .errors import UserError
 
-__all__ = ["CpuThreads", "TimeBudget", "lr_at", "step_progress"]
+__all__ = ["CpuThreads", "TimeBudget", "lr_at", "progress", "step_progress"]
 
 
 class TimeBudget:
@@ -74,16 +74,21 @@ def step_progress(config, step: int) -> float:
     return min(1.0, max(0.0, (step - o.warmup) / max(1, steps - o.warmup)))
 
 
+def progress(config, step: int, time_fraction: float = 0.0) -> float:
+    """The schedule's progress: the larger of the step share and the budget share, at most 1."""
+    return min(1.0, max(step_progress(config, step), time_fraction))
+
+
 def lr_at(config, step: int, time_fraction: float = 0.0) -> float:
     """Linear warm-up over ``optim.warmup`` steps, then constant or cosine decay to
-    ``min_lr_ratio * lr`` over the progress: ``max(step_progress, time_fraction)``."""
+    ``min_lr_ratio * lr`` over ``progress``."""
     o = config.optim
     if o.warmup and step < o.warmup:
         return o.lr * (step + 1) / o.warmup
     if o.decay == "constant":
         return o.lr
-    progress = min(1.0, max(step_progress(config, step), time_fraction))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    p = progress(config, step, time_fraction)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def _busy_seconds(stat: str = "/proc/stat") -> float | None:
@@ -103,13 +108,13 @@ class CpuThreads:
     machine's busy time minus this process's CPU time, over the wall time between the calls)."""
 
     def __init__(self, cores: int | None = None, *, busy_seconds=_busy_seconds, own_seconds=time.process_time,
-                 clock=time.monotonic, set_threads=None):
+                 clock=time.monotonic, get_threads=None, set_threads=None):
         import torch
 
         self.cores = cores or len(os.sched_getaffinity(0))
         self._busy, self._own, self._clock = busy_seconds, own_seconds, clock
         self._set = set_threads or torch.set_num_threads
-        self.threads = torch.get_num_threads() if set_threads is None else self.cores
+        self.threads = (get_threads or torch.get_num_threads)()
         self._last = self._sample()
 
     def _sample(self):

@@ -115,8 +115,9 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_dict(read_config_file(saved)).override(**overrides)
     else:
         config = resolve_config(args.preset, args.config, **overrides)
-    # resolve_config skips None (an option not given); --set KEY=null is given: it clears KEY
-    config = config.override(**{k: None for k, v in overrides.items() if v is None})
+        nulls = {k: None for k, v in overrides.items() if v is None}
+        if nulls:  # resolve_config skips None (an option not given); --set KEY=null is given: it clears KEY
+            config = config.override(**nulls)
     config = _size_model_to_data(config, overrides)
     if args.classes == "auto":
         config = config.override(**{"model.num_classes": _classes_in_data(config), **late})
@@ -152,8 +153,6 @@ def _training_mode(config) -> str:
 
 def _say_how_it_ended(run_dir: Path, config) -> None:
     """One line when the clock, not the step count, ended the run (from log.jsonl's last record)."""
-    import json
-
     try:
         last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
     except (OSError, IndexError, ValueError):

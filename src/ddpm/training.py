@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from . import accel, guards
-from .budget import CpuThreads, TimeBudget, lr_at, step_progress
+from .budget import CpuThreads, TimeBudget, lr_at, progress
 from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
 from .config import TrainConfig, build_model
 from .diffusion import training_loss
@@ -122,7 +122,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                 threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
                           loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None,
-                          progress=max(step_progress(config, r.step), min(1.0, r.time_fraction)),
+                          progress=progress(config, r.step, r.time_fraction),
                           elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None,
                           threads=threads)
             if at_log or r.step % c.max_nonfinite == 0:
