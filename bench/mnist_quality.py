@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--amp", default="off", choices=("off", "bf16"))
+    p.add_argument("--autoguidance", type=float, default=None,
+                   help="autoguidance scale of a run that kept a guide (default: the run's, as ddpm sample)")
     p.add_argument("--retrain", action="store_true", help="retrain the cached classifier")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="append the result as one JSON line to this file")
@@ -130,7 +132,7 @@ def main() -> None:
         from ddpm.samplers import per_sample_seeds
 
         run = ddpm.load(args.run, device=args.device)
-        kw, shape = run.sample_kwargs, run.shape
+        kw, shape, guide = run.sample_kwargs, run.shape, run.guide_kwargs(args.autoguidance)
         sampler = args.sampler or run.config.sample.sampler
         steps = args.steps if args.steps is not None else (run.config.sample.steps if sampler == run.config.sample.sampler else None)
         chunks, t0 = [], time.time()
@@ -139,9 +141,10 @@ def main() -> None:
                 n = min(args.batch_size, args.num - start)
                 seeds = per_sample_seeds(args.seed, n, offset=start, device=args.device)
                 chunks.append(ddpm.sample(run.model, run.schedule, (n, *shape), sampler=sampler, steps=steps,
-                                          generator=seeds, device=args.device, **kw).float())
+                                          generator=seeds, device=args.device, **kw, **guide).float())
         images = torch.cat(chunks).clamp(-1, 1)
-        label = f"{run.path} sampler={sampler} steps={steps} ({time.time() - t0:.0f}s)"
+        auto = f" autoguidance={guide['autoguidance']:g} (guide: step {run.guide_step})" if guide else ""
+        label = f"{run.path} sampler={sampler} steps={steps}{auto} ({time.time() - t0:.0f}s)"
     if args.grid:
         from ddpm.viz import save_grid
 

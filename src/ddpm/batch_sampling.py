@@ -60,7 +60,8 @@ def uniform_labels(seed: int, num: int, num_classes: int, offset: int = 0) -> to
 @torch.no_grad()
 def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, batch_size: int = 256,
                    device: str | torch.device = "cpu", amp: str | None = None, progress: bool | None = None,
-                   return_trajectory: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0):
+                   return_trajectory: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0,
+                   autoguidance: float | None = None):
     """Draw ``num`` samples (num, *run.shape) as float32 on the CPU, ``batch_size`` at a time.
 
     ``run`` is a ``ddpm.LoadedRun`` or anything with its ``model``, ``schedule``, ``shape`` and
@@ -73,6 +74,8 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
     With ``return_trajectory`` returns ``(x0, trajectory)``, the trajectory of the first batch
     as ``ddpm.sample`` gives it (on ``device``). A class-conditional run takes ``labels`` (num,),
     label i for sample i, and the classifier-free ``guidance`` scale, as ``ddpm.sample`` does.
+    A run that kept an autoguidance guide (``run.guide``) is guided by it at ``autoguidance``
+    (default: the run's ``sample.autoguidance``; 1 = off).
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
@@ -83,6 +86,9 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
     schedule = run.schedule.to(device)
+    guide = run.guide_kwargs(autoguidance) if hasattr(run, "guide_kwargs") else {}
+    if guide:
+        guide["guide"] = guide["guide"].to(device).eval()
     starts = range(0, num, batch_size)
     chunks, trajectory = [], None
     with _StepBar(num, len(starts), settings, progress) as bar:
@@ -94,7 +100,7 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
                                 generator=per_sample_seeds(seed, n, offset=start, device=device), device=device,
                                 return_trajectory=return_trajectory and start == 0, guidance=guidance,
                                 labels=None if labels is None else labels[start:start + n].to(device),
-                                **run.sample_kwargs)
+                                **run.sample_kwargs, **guide)
             if isinstance(result, tuple):
                 result, trajectory = result
             chunks.append(result.float().cpu())

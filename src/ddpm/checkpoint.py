@@ -120,13 +120,14 @@ def _megabytes(n: int) -> str:
 
 def save_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, state: dict, config: TrainConfig,
-    keep_last: int = 3,
+    keep_last: int = 3, guide: tuple[int, torch.nn.Module] | None = None,
 ) -> Path:
     """Atomically write ``RUN/ckpt-{step:07d}`` (replacing one of that step) with its manifest,
     then delete all but the newest ``keep_last`` up to this step (newer ones are left alone: a
     run resumed from an earlier checkpoint replaces them when it gets there).
 
-    Refuses non-finite weights. A full disk, read-only or otherwise unwritable directory is a
+    ``guide`` (step, module): the autoguidance guide kept at that step (``train.guide_at``), saved
+    as ``guide.safetensors`` beside the weights. Refuses non-finite weights. A full disk, read-only or otherwise unwritable directory is a
     one-line UserError; the checkpoints already there are left intact.
     """
     from safetensors.torch import save as safetensors_bytes
@@ -135,12 +136,15 @@ def save_checkpoint(
     final = run_dir / f"ckpt-{step:07d}"
     meta = {"ddpm_config": config.to_json(), "step": str(step)}
     blobs = {}
-    for name, module in (("model", model), ("ema", ema)):
+    modules = [("model", model, meta), ("ema", ema, meta)]
+    if guide is not None:
+        modules.append((GUIDE_NAME, guide[1], {**meta, "step": str(guide[0])}))
+    for name, module, metadata in modules:
         tensors = _state_dict_cpu(module)
         bad = nonfinite_key(tensors)
         if bad is not None:
             raise UserError(f"refusing to save checkpoint {final}: the {name} weights hold NaN/Inf ({bad})")
-        blobs[f"{name}.safetensors"] = safetensors_bytes(tensors, metadata={**meta, "weights": name})
+        blobs[f"{name}.safetensors"] = safetensors_bytes(tensors, metadata={**metadata, "weights": name})
     buffer = io.BytesIO()
     torch.save(state, buffer)
     blobs["state.pt"] = buffer.getvalue()
@@ -309,6 +313,26 @@ def _restore_timestep_sampler(sampler, saved, path: Path) -> None:
 
 
 ANALYTIC_FILE = "analytic.json"
+GUIDE_NAME = "guide"  # ckpt-*/guide.safetensors: the autoguidance guide, when the run keeps one
+
+
+def read_guide(weights_path: Path, model_config) -> tuple[torch.nn.Module, int] | None:
+    """(the guide network, the step it was kept at) from ``guide.safetensors`` beside the weights
+    ``weights_path`` (a ``ckpt-*`` folder's), or None when there is none. Verified like the weights:
+    a checkpoint's manifest lists it."""
+    from .config import build_model
+
+    folder = Path(weights_path).parent
+    path = folder / f"{GUIDE_NAME}.safetensors"
+    if not path.is_file():
+        return None
+    problem = verify(folder, [path.name]) if CKPT_RE.match(folder.name) else None
+    if problem is not None:
+        raise UserError(f"checkpoint {folder} is damaged ({problem})")
+    tensors, meta = read_weights(path)
+    guide = build_model(model_config)
+    load_weights_into(guide, tensors, path)
+    return guide, int(meta["step"]) if meta.get("step", "").isdigit() else 0
 
 
 def _analytic_location(weights_path: Path) -> tuple[Path | None, str]:

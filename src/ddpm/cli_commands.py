@@ -180,7 +180,7 @@ def cmd_sample(args) -> int:
     from . import viz
     from .batch_sampling import sample_batches, sampler_settings
     from .cli_eval import apply_variance
-    from .cli_steer import sampling_conditioning
+    from .cli_steer import autoguidance, sampling_conditioning
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -189,9 +189,10 @@ def cmd_sample(args) -> int:
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, args.num)  # --class all: num = K x per class
+    w = autoguidance(run, args)
     result = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
                             progress=args.progress, return_trajectory=bool(args.trajectory), labels=cond.labels,
-                            guidance=cond.guidance)
+                            guidance=cond.guidance, autoguidance=w)
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":
@@ -209,7 +210,8 @@ def cmd_sample(args) -> int:
         ts, x0s = trajectory["timesteps"], trajectory["x0"][:, :8].float().cpu()
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
-    print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}, "
+    guided = f", autoguidance {w:g} by step {run.guide_step}" if w != 1 else ""
+    print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}{guided}, "
           f"{run.path}) to {out}")
     return 0
 

@@ -68,25 +68,29 @@ def _draw(run, device, num: int, args, batch_size: int):
     """Samples of a run with the shared sampling options, and the settings and conditioning (labels
     and guidance of a class-conditional run: uniform labels unless --class) a report records."""
     from .batch_sampling import sample_batches, sampler_settings
-    from .cli_steer import sampling_conditioning
+    from .cli_steer import autoguidance, sampling_conditioning
 
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, num)
+    cond.autoguidance = autoguidance(run, args)
     x0 = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
-                        progress=args.progress, labels=cond.labels, guidance=cond.guidance)
+                        progress=args.progress, labels=cond.labels, guidance=cond.guidance,
+                        autoguidance=cond.autoguidance)
     return x0, settings, cond
 
 
 def _cond_tag(args, cond) -> str:
-    # report names of unconditional runs stay as they were
-    return "" if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}"
+    # report names of unconditional, unguided runs stay as they were
+    auto = f"-ag{cond.autoguidance:g}" if cond.autoguidance != 1 else ""
+    return auto if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}{auto}"
 
 
 def _cond_fields(args, cond) -> dict:
+    auto = {"autoguidance": cond.autoguidance} if cond.autoguidance != 1 else {}
     if cond.labels is None:
-        return {}
-    return {"class": args.cls or "uniform", "guidance": cond.guidance}
+        return auto
+    return {"class": args.cls or "uniform", "guidance": cond.guidance, **auto}
 
 
 def _variance_tag(args) -> str:

@@ -6,6 +6,7 @@ the one parser from them).
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive(text: str) -> int:
@@ -39,6 +40,16 @@ def image_size(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which weights of a run to load, where to run them: every command that loads a run."""
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
@@ -65,6 +76,9 @@ def add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, nu
     add_class_args(p, "class-conditional runs: a class index 0..K-1 or name, or 'all' (one row per class); "
                     "default: each sample's label drawn uniformly from its own seed")
     add_variance_arg(p)
+    p.add_argument("--autoguidance", type=finite, default=None, metavar="W",
+                   help="runs that kept a guide (train.guide_at): guide + W (model - guide), autoguidance by the "
+                   "network earlier in its training; 1 = off (default: the run's sample.autoguidance)")
     p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
                    help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
                    "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")

@@ -36,6 +36,7 @@ class Conditioning:
     guidance: float
     per_class: int | None
     num: int
+    autoguidance: float = 1.0  # set by ``ddpm eval`` from ``autoguidance(run, args)``
 
     def describe(self) -> str:
         """", class 7, guidance 3" and the like for the CLI's summary line ("" when unconditional)."""
@@ -78,6 +79,19 @@ def _guidance(run, args) -> float:
     from .guidance import check_guidance
 
     return check_guidance(run.config.sample.guidance if args.guidance is None else args.guidance)
+
+
+def autoguidance(run, args) -> float:
+    """The autoguidance scale of ``ddpm sample``/``ddpm eval``: --autoguidance, else the run's
+    ``sample.autoguidance``; 1 (off) for a run that kept no guide, which --autoguidance refuses."""
+    given = getattr(args, "autoguidance", None)
+    if getattr(run, "guide", None) is None:
+        if given not in (None, 1.0):
+            why = "--no-ema loads the online weights, which have no guide" if getattr(args, "no_ema", False) else \
+                "it kept none (train.guide_at unset, or the run stopped before reaching it)"
+            raise UserError(f"--autoguidance {given:g} needs the run's guide network; {run.path}: {why}")
+        return 1.0
+    return run.config.sample.autoguidance if given is None else given
 
 
 def sampling_conditioning(run, args, num: int) -> Conditioning:

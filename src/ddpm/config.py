@@ -142,6 +142,10 @@ class LoopConfig:
     # null label, so that one network learns the conditional and the unconditional model; read only
     # by class-conditional runs (model.num_classes)
     cond_drop_prob: float = 0.1
+    # autoguidance (Karras et al. 2024): at this share of the run's progress (ddpm.budget.progress)
+    # the EMA weights are kept as the guide, saved in every later checkpoint (guide.safetensors)
+    # and used by samples with sample.autoguidance != 1; None = no guide
+    guide_at: Optional[float] = None
 
     def __post_init__(self):
         _check_literals(self)
@@ -153,6 +157,7 @@ class LoopConfig:
         _require(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}")
         _require(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         _require(0 <= self.cond_drop_prob <= 1, f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
+        _require(self.guide_at is None or 0 < self.guide_at < 1, f"guide_at must lie in (0, 1), got {self.guide_at}")
 
 
 @dataclass
@@ -192,12 +197,16 @@ class SampleConfig:
     # classifier-free guidance scale of class-conditional runs (1 = plain conditional, 0 =
     # unconditional); previews draw one row per class with it
     guidance: float = 1.0
+    # autoguidance scale w (Karras et al. 2024): guide + w (model - guide), the guide being the EMA
+    # kept at train.guide_at; 1 = off (also when a checkpoint holds no guide)
+    autoguidance: float = 1.0
 
     def __post_init__(self):
         _check_literals(self)
         _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
         _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
         _require(math.isfinite(self.guidance), f"sample.guidance must be a finite number, got {self.guidance}")
+        _require(math.isfinite(self.autoguidance), f"sample.autoguidance must be a finite number, got {self.autoguidance}")
 
 
 @dataclass

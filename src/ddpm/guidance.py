@@ -74,3 +74,33 @@ def guided_model(model: Model, labels, guidance: float, batch: int, device: torc
         return out_null + w * (out_c - out_null)
 
     return guided
+
+
+def autoguided_model(model: Model, guide: Model, autoguidance: float) -> Model:
+    """``model`` guided by a worse version of itself (autoguidance, Karras et al. 2024, eq. 2):
+    out_guide + w (out_model - out_guide), where ``guide`` is the same network earlier in its
+    training (``train.guide_at``). Both take ``(x_t, t)``: wrap each in ``guided_model`` first for
+    class labels, so that the classifier-free guided outputs are what is combined.
+
+    Unlike classifier-free guidance the two predictions come from two networks, so they run as two
+    calls. w = 1 returns ``model`` itself; a learned variance keeps ``model``'s channels, as in
+    ``guided_model``.
+    """
+    w = check_guidance(autoguidance)
+    if w == 1.0:
+        return model
+
+    def autoguided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        good, bad = model(x, t).to(x.dtype), guide(x, t).to(x.dtype)
+        C = x.shape[1]
+        if good.shape[1] == 2 * C and good.shape[2:] == x.shape[2:]:
+            mixed = bad[:, :C] + w * (good[:, :C] - bad[:, :C])
+            return torch.cat([mixed, good[:, C:]], dim=1)
+        return bad + w * (good - bad)
+
+    return autoguided
+
+
+def guide_kwargs(guide, autoguidance: float) -> dict:
+    """``ddpm.sample``'s autoguidance options: none without a guide, or at scale 1."""
+    return {"guide": guide, "autoguidance": autoguidance} if guide is not None and autoguidance != 1 else {}

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .checkpoint import (CKPT_RE, FILES, check_architecture, item_shape, latest_verified_checkpoint,
-                         load_weights_into, read_analytic_variance, read_header, read_weights, sample_kwargs)
+                         load_weights_into, read_analytic_variance, read_guide, read_header, read_weights,
+                         sample_kwargs)
 from .config import TrainConfig, build_model
 from .errors import UserError, first_line
 from .rundir import verify
@@ -35,6 +36,9 @@ class LoadedRun:
     ``with run.autocast(): ...`` to use it.
     ``num_classes`` and ``class_names`` describe a class-conditional run (None otherwise): sample
     class k with ``ddpm.sample(..., labels=k, guidance=w)``.
+    ``guide`` is the network as the run kept it at ``train.guide_at`` (None when it kept none):
+    ``ddpm.sample(..., **run.guide_kwargs())`` samples with the run's autoguidance
+    (``sample.autoguidance``), as ``ddpm sample`` does; ``guide_step`` is the step it was kept at.
     """
 
     model: torch.nn.Module
@@ -45,6 +49,16 @@ class LoadedRun:
     path: Path
     step: int | None
     amp: str = "off"  # "off", "bf16" or "fp16" (ddpm.accel.AMP_MODES)
+    guide: torch.nn.Module | None = None
+    guide_step: int | None = None
+
+    def guide_kwargs(self, autoguidance: float | None = None) -> dict:
+        """``guide`` and ``autoguidance`` for ``ddpm.sample``: at the run's ``sample.autoguidance``
+        by default; empty without a guide or at scale 1 (off)."""
+        from .guidance import guide_kwargs
+
+        w = self.config.sample.autoguidance if autoguidance is None else autoguidance
+        return guide_kwargs(self.guide, w)
 
     def autocast(self):
         """A context manager running the network in ``amp`` on the model's device."""
@@ -124,9 +138,13 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     schedule = config.diffusion.make_schedule().to(device)
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
     analytic, _ = read_analytic_variance(weights_path, config.diffusion.timesteps)
+    kept = read_guide(weights_path, config.model) if ema else None  # the guide goes with the EMA weights
+    guide, guide_step = kept if kept is not None else (None, None)
+    if guide is not None:
+        guide.to(device).eval().requires_grad_(False)
     run = LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
                     sample_kwargs={**sample_kwargs(config), **({"analytic": analytic} if analytic else {})},
-                    path=weights_path, step=step)
+                    path=weights_path, step=step, guide=guide, guide_step=guide_step)
     return _prepared(run, device, fast, amp)
 
 
@@ -136,7 +154,9 @@ def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
 
     run.amp = accel.resolve_amp(amp or ("auto" if fast else "off"), device)
     if fast and isinstance(run.model, torch.nn.Module) and accel.prefers_channels_last(run.model):
-        accel.prepare_model(run.model, channels_last=True)
+        for net in (run.model, run.guide):
+            if net is not None:
+                accel.prepare_model(net, channels_last=True)
     return run
 
 

@@ -11,6 +11,7 @@ import torch
 from . import accel
 from .checkpoint import item_shape, sample_kwargs
 from .config import TrainConfig
+from .guidance import guide_kwargs
 
 
 def preview_kwargs(config: TrainConfig) -> dict:
@@ -22,9 +23,11 @@ def preview_kwargs(config: TrainConfig) -> dict:
     return kwargs
 
 
-def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: torch.device, amp: str) -> None:
+def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: torch.device, amp: str,
+                 guide=None) -> None:
     """A grid (images) or scatter plot (2-D points) of ``config.sample`` samples from ``model``,
-    seeded by ``train.seed``, so that previews of successive steps show the same noise."""
+    seeded by ``train.seed``, so that previews of successive steps show the same noise; autoguided
+    by ``guide`` (``train.guide_at``) with ``sample.autoguidance`` once the run has kept one."""
     from . import viz
     from .samplers import sample
 
@@ -40,7 +43,8 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
         cond = {"labels": torch.arange(rows, device=device).repeat_interleave(per_class), "guidance": s.guidance}
     with torch.no_grad(), accel.autocast(device, amp):
         x0 = sample(model, schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
-                    generator=config.train.seed, device=device, **preview_kwargs(config), **cond)
+                    generator=config.train.seed, device=device, **preview_kwargs(config), **cond,
+                    **guide_kwargs(guide, s.autoguidance))
     path.parent.mkdir(parents=True, exist_ok=True)
     x0 = x0.float().cpu()
     viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)

@@ -38,7 +38,7 @@ import torch
 
 from .diffusion import (PREDICTIONS, VARIANCES, check_choice, p_mean_variance, predict_eps_from_x0, respaced_schedule,
                         split_output, x0_eps_from_output)
-from .guidance import guided_model
+from .guidance import autoguided_model, check_guidance, guided_model
 from .schedules import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -213,6 +213,8 @@ def sample(
     return_trajectory: bool = False,
     labels: torch.Tensor | int | None = None,
     guidance: float = 1.0,
+    guide: Model | None = None,
+    autoguidance: float = 1.0,
 ):
     """Draw samples of ``shape`` (B, ...) from ``model(x_t, t)``, e.g. (B, C, H, W) or (B, 2).
 
@@ -237,6 +239,10 @@ def sample(
     long tensor (B,) in 0..num_classes (num_classes: the null label) or one int for all, and
     ``guidance`` w the classifier-free guidance scale, output_null + w (output_cond - output_null)
     (``ddpm.guidance``). Sample i depends only on its seed and its label.
+
+    Autoguidance (Karras et al. 2024): ``guide`` is the same network earlier in its training (a
+    run's ``guide_kwargs``) and ``autoguidance`` w the scale, output_guide + w (output - output_guide),
+    formed after classifier-free guidance of each (``ddpm.guidance.autoguided_model``).
     """
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("prediction", prediction, PREDICTIONS)
@@ -268,7 +274,13 @@ def sample(
             param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
+    if guide is None and check_guidance(autoguidance) != 1.0:
+        raise ValueError(f"autoguidance={autoguidance} needs guide= (the network earlier in its training)")
+    if guide is not None:  # both networks guided by the labels first, then one by the other
+        guide = guided_model(guide, labels, guidance, shape[0], device)
     model = guided_model(model, labels, guidance, shape[0], device)  # the model itself when unconditional
+    if guide is not None:
+        model = autoguided_model(model, guide, autoguidance)
     dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
 
     # Everything the loop needs lives on the device from here on: no host round trips per step.

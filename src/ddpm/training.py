@@ -63,7 +63,8 @@ import torch.distributed as dist
 
 from . import accel, guards
 from .budget import CpuThreads, TimeBudget, lr_at, progress
-from .checkpoint import item_shape, latest_checkpoint, list_checkpoints, restore_training_state, save_checkpoint
+from .checkpoint import (item_shape, latest_checkpoint, list_checkpoints, read_guide, restore_training_state,
+                         save_checkpoint)
 from .config import TrainConfig, build_model
 from .diffusion import training_loss
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
@@ -125,6 +126,9 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                           progress=progress(config, r.step, r.time_fraction),
                           elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None,
                           threads=threads)
+            if r.rank == 0 and c.guide_at is not None and r.guide is None and \
+                    progress(config, r.step, r.time_fraction) >= c.guide_at:  # the EMA kept as the autoguidance guide
+                r.guide, r.guide_step = copy.deepcopy(r.ema), r.step
             if at_log or r.step % c.max_nonfinite == 0:
                 _check_divergence(r)  # before any save: a diverged run keeps its last checkpoint
             # (no final grid after a signal: the user wants out, the checkpoint is what matters)
@@ -161,6 +165,8 @@ class _Run:
     timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
     time_fraction: float = 0.0  # share of the time budget used, as of the last stop check
     cpu_threads: CpuThreads | None = None  # a budgeted one-process CPU run: threads follow the load
+    guide: torch.nn.Module | None = None  # the EMA as it was at train.guide_at (autoguidance), once reached
+    guide_step: int = 0
 
     def __post_init__(self):
         self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
@@ -232,13 +238,17 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         torch.manual_seed(c.seed + rank)  # dropout differs per rank, as with independent shards
     accel.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
     accel.prepare_model(ema, channels_last=c.channels_last)
+    kept = read_guide(latest / "ema.safetensors", config.model) if latest is not None and rank == 0 else None
+    guide, guide_step = kept if kept is not None else (None, 0)  # kept before the checkpoint: goes on with the run
+    if guide is not None:
+        accel.prepare_model(guide.to(device).requires_grad_(False).eval(), channels_last=c.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # only now: a refused resume leaves the run's config.json as it was
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
                 scaler=scaler, budget=budget, timestep_sampler=timestep_sampler, time_fraction=budget.fraction(),
-                cpu_threads=_cpu_threads(c, device, world, stack))
+                cpu_threads=_cpu_threads(c, device, world, stack), guide=guide, guide_step=guide_step)
 
 
 def _cpu_threads(c, device: torch.device, world: int, stack: contextlib.ExitStack) -> CpuThreads | None:
@@ -395,7 +405,7 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
     c, step = r.config.train, r.step
     if r.rank == 0 and ((c.sample_every and step % c.sample_every == 0) or (final and final_preview)):
         path = r.run_dir / "samples" / f"{'final' if final else f'step-{step:07d}'}.png"
-        save_preview(r.ema, r.schedule, r.config, path, device=r.device, amp=r.amp)
+        save_preview(r.ema, r.schedule, r.config, path, device=r.device, amp=r.amp, guide=r.guide)
     # Not in the middle of a run of skipped (non-finite) steps: such a checkpoint would push the
     # ones from before the trouble out of keep_last while holding nothing newer.
     if final or (c.ckpt_every and step % c.ckpt_every == 0 and not r.nonfinite_run.item()):
@@ -421,6 +431,7 @@ def _checkpoint(r: _Run) -> None:
         if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
             state["grad_scaler"] = r.scaler.state_dict()
         state["time_budget"] = r.budget.state_dict()  # training time so far: a resumed run continues its decay
-        save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last)
+        save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last,
+                        guide=None if r.guide is None else (r.guide_step, r.guide))
     elif r.world > 1:
         rng_states(r.rank, r.world)
