@@ -93,6 +93,9 @@ def test_mnist_learned_is_the_mnist_recipe_with_learned_variances():
     assert learned["model"].pop("learn_sigma") and not base["model"].pop("learn_sigma")
     assert learned["diffusion"].pop("variance") == "learned_range" and base["diffusion"].pop("variance") == "fixed_small"
     assert learned.pop("name") == "mnist-learned" and base.pop("name") == "mnist"
+    # no autoguidance (measured on mnist alone)
+    assert learned["train"].pop("guide_at") is None and base["train"].pop("guide_at") == 0.3
+    assert learned["sample"].pop("autoguidance") == 1 and base["sample"].pop("autoguidance") == 3
     assert learned == base  # same network otherwise, same loss weighting, steps, time budget and previews
     assert get_preset("mnist-learned").diffusion.objective == "simple"  # L_hybrid
     with torch.device("meta"):

@@ -9,6 +9,8 @@ report (path printed) next to the run or the sample file.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import sys
 from pathlib import Path
@@ -73,7 +75,7 @@ def _draw(run, device, num: int, args, batch_size: int):
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, num)
-    cond.autoguidance = autoguidance(run, args)
+    cond = dataclasses.replace(cond, autoguidance=autoguidance(run, args))
     x0 = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
                         progress=args.progress, labels=cond.labels, guidance=cond.guidance,
                         autoguidance=cond.autoguidance)
