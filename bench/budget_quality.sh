@@ -2,7 +2,8 @@
 # The no-argument `ddpm train` measured as a user meets it: 15 minutes of wall clock including
 # start-up, on an idle machine and on one where a second busy process (another `ddpm train`)
 # shares the CPU; then the classifier-pass share of 1,000 samples from each run (the same
-# sampling seeds 1..1000, bf16 autocast, the run's ancestral-100 sampler).
+# sampling seeds 1..1000, bf16 autocast, the run's ancestral-100 sampler and autoguidance), and
+# the same samples' share without autoguidance (--autoguidance 1), for comparison.
 #
 #   bash bench/budget_quality.sh OUT_DIR [idle|busy|both]   # both: about 40 minutes on a 2-core CPU
 #
@@ -34,6 +35,8 @@ fi
 for run in "${runs[@]}"; do
   python "$here/mnist_quality.py" "$out/$run" --num 1000 --amp bf16 --seed 1 --json "$out/quality.jsonl" \
     > "$out/$run.quality.txt"
+  python "$here/mnist_quality.py" "$out/$run" --num 1000 --amp bf16 --seed 1 --autoguidance 1 \
+    --json "$out/quality-unguided.jsonl" > "$out/$run.quality-unguided.txt"
   steps=$(tail -n 1 "$out/$run/log.jsonl" | python -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["step"], r["progress"])')
-  echo "$run: wall $(cat "$out/$run.wall_s") s, step and progress at the end: $steps, $(tail -n 1 "$out/$run.quality.txt")"
+  echo "$run: wall $(cat "$out/$run.wall_s") s, step and progress at the end: $steps, $(tail -n 1 "$out/$run.quality.txt"); without autoguidance: $(tail -n 1 "$out/$run.quality-unguided.txt")"
 done

@@ -9,12 +9,15 @@ the median of ``--reps`` reported, by wall clock and by the CPU time of the chil
 - ``ddpm sample RUN --num N``: ours with no flags (``--amp auto``: bf16 autocast where the CPU
   has native bf16, else float32; the run's preview sampler and steps).
 - ``ddpm sample RUN --num N --amp off``: ours on the float32 path.
+- for a run with an autoguidance guide (the ``mnist`` preset's), the same two with
+  ``--autoguidance 1``: the work ``DDPMPipeline`` does (one network call per step; the default
+  makes two).
 - diffusers' ``DDPMPipeline`` on the same weights (``ddpm export RUN --format diffusers``, done
   once before timing), ``num_inference_steps`` = the run's preview steps, float32 (its default)
   and under bf16 autocast with channels_last (its best eager mode).
 
 And the short call, ``--num 1``, ours by default against ours in float32 (the default must not
-make the first sample slower). Prints a markdown table.
+make the first sample slower; unguided as well for a guided run). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
-    steps = json.loads((args.run / "config.json").read_text())["sample"]["steps"]
+    config = json.loads((args.run / "config.json").read_text())
+    steps = config["sample"]["steps"]
     tmp = Path(tempfile.mkdtemp(prefix="ddpm-e2e-"))
     exported = tmp / "diffusers"
     ddpm = [sys.executable, "-m", "ddpm"]
@@ -80,6 +84,11 @@ def main(argv=None) -> int:
         "ddpm sample --num 1 --amp off": [*ddpm, "sample", str(args.run), "--num", "1", "--amp", "off",
                                           "--out", str(tmp / "f.png")],
     }
+    if config["train"].get("guide_at") and config["sample"].get("autoguidance", 1) != 1:
+        for name, cmd in list(contestants.items()):
+            if name.startswith("ddpm sample"):  # ..., "--out", PATH: the unguided twin writes beside it
+                twin = [*cmd[:-2], "--autoguidance", "1", "--out", cmd[-1] + "-1.png"]
+                contestants[f"{name} --autoguidance 1"] = twin
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in contestants}
     for rep in range(args.reps):
         for name, cmd in contestants.items():

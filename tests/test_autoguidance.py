@@ -139,3 +139,13 @@ def test_a_damaged_guide_is_refused_not_used(guided_run, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="is damaged .*guide.safetensors"):
         ddpm.load(copy / "ckpt-0000006")
+
+
+def test_export_to_diffusers_says_the_guide_stays_behind(guided_run, tmp_path, capsys):
+    from ddpm.cli import main
+
+    _, run_dir = guided_run
+    assert main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "pipe")]) == 0
+    assert "the run's autoguidance guide is not exported" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "online"), "--no-ema"]) == 0
+    assert "guide" not in capsys.readouterr().out  # the online weights never had one

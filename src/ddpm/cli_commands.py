@@ -222,7 +222,19 @@ def cmd_export(args) -> int:
     out = export_diffusers(args.path, args.out, ema=not args.no_ema)
     print(f"ddpm: wrote a diffusers DDPMPipeline to {out} (DDPMPipeline.from_pretrained({str(out)!r}) loads it; "
           f"ddpm sample {out} samples it)")
+    if not args.no_ema and _has_guide(args.path):
+        print("ddpm: note: the run's autoguidance guide is not exported (DDPMPipeline has no autoguidance): "
+              "samples drawn there are unguided, as `ddpm sample RUN --autoguidance 1`")
     return 0
+
+
+def _has_guide(path: str) -> bool:
+    """Whether the EMA weights ``ddpm.load(path)`` reads have an autoguidance guide beside them."""
+    from .checkpoint import GUIDE_NAME
+    from .diffusers_io import is_diffusers_dir
+    from .loading import resolve_weights_path
+
+    return not is_diffusers_dir(path) and (resolve_weights_path(path).parent / f"{GUIDE_NAME}.safetensors").is_file()
 
 
 def cmd_report(args) -> int:
