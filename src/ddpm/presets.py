@@ -33,7 +33,7 @@ def _mnist() -> TrainConfig:
     budget: 14 minutes of training (``max_minutes``; start-up, the final grid and the report fit in
     the rest of the 15), over which the learning rate decays (``ddpm.budget``), so a slow or busy
     machine takes fewer steps and still finishes its schedule; 20,000 steps cap it on a fast one
-    (a 2-core CPU alone reaches about 4,400-5,900 at the 5.3-7.0 steps/s measured). Measurements
+    (a 2-core CPU alone reaches about 4,000-5,900 at the 4.8-7.0 steps/s measured). Measurements
     behind each choice: docs/mnist-recipe.md.
     """
     return TrainConfig(
