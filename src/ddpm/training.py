@@ -20,7 +20,8 @@ do. One optimizer step (``_optimizer_step``)::
     ema <- lerp(ema, theta, 1 - decay_t)           one multi-tensor update (rank 0; skipped with it)
 
 and after it, when due: a log record (``ddpm.runlog``), the stop check (time budget, a stop signal),
-the divergence check, previews, checkpoints and evaluation (``_periodic_work``). Every resource
+once, a copy of the EMA as the autoguidance guide (``train.guide_at``; saved in every later
+checkpoint), the divergence check, previews, checkpoints and evaluation (``_periodic_work``). Every resource
 (process group, run-directory lock, prefetch threads, log file, TensorBoard writer, progress
 bar, signal handlers) is entered on one ``ExitStack`` and released on every exit: the end of the
 run, a signal or an exception.
