@@ -127,8 +127,9 @@ def save_checkpoint(
     run resumed from an earlier checkpoint replaces them when it gets there).
 
     ``guide`` (step, module): the autoguidance guide kept at that step (``train.guide_at``), saved
-    as ``guide.safetensors`` beside the weights. Refuses non-finite weights. A full disk, read-only or otherwise unwritable directory is a
-    one-line UserError; the checkpoints already there are left intact.
+    as ``guide.safetensors`` beside the weights. Refuses non-finite weights. A full disk, read-only
+    or otherwise unwritable directory is a one-line UserError; the checkpoints already there are
+    left intact.
     """
     from safetensors.torch import save as safetensors_bytes
 
@@ -316,14 +317,19 @@ ANALYTIC_FILE = "analytic.json"
 GUIDE_NAME = "guide"  # ckpt-*/guide.safetensors: the autoguidance guide, when the run keeps one
 
 
+def guide_path(weights_path: Path) -> Path:
+    """Where the autoguidance guide of the weights ``weights_path`` lives: beside them."""
+    return Path(weights_path).parent / f"{GUIDE_NAME}.safetensors"
+
+
 def read_guide(weights_path: Path, model_config) -> tuple[torch.nn.Module, int] | None:
     """(the guide network, the step it was kept at) from ``guide.safetensors`` beside the weights
     ``weights_path`` (a ``ckpt-*`` folder's), or None when there is none. Verified like the weights:
     a checkpoint's manifest lists it."""
     from .config import build_model
 
-    folder = Path(weights_path).parent
-    path = folder / f"{GUIDE_NAME}.safetensors"
+    path = guide_path(weights_path)
+    folder = path.parent
     if not path.is_file():
         return None
     problem = verify(folder, [path.name]) if CKPT_RE.match(folder.name) else None

@@ -180,7 +180,7 @@ def cmd_sample(args) -> int:
     from . import viz
     from .batch_sampling import sample_batches, sampler_settings
     from .cli_eval import apply_variance
-    from .cli_steer import autoguidance, sampling_conditioning
+    from .cli_steer import sampling_conditioning
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -189,10 +189,9 @@ def cmd_sample(args) -> int:
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, args.num)  # --class all: num = K x per class
-    w = autoguidance(run, args)
     result = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
                             progress=args.progress, return_trajectory=bool(args.trajectory), labels=cond.labels,
-                            guidance=cond.guidance, autoguidance=w)
+                            guidance=cond.guidance, autoguidance=cond.autoguidance)
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":
@@ -210,7 +209,7 @@ def cmd_sample(args) -> int:
         ts, x0s = trajectory["timesteps"], trajectory["x0"][:, :8].float().cpu()
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
-    guided = f", autoguidance {w:g} by step {run.guide_step}" if w != 1 else ""
+    guided = f", autoguidance {cond.autoguidance:g} by step {run.guide_step}" if cond.autoguidance != 1 else ""
     print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}{guided}, "
           f"{run.path}) to {out}")
     return 0
@@ -230,11 +229,11 @@ def cmd_export(args) -> int:
 
 def _has_guide(path: str) -> bool:
     """Whether the EMA weights ``ddpm.load(path)`` reads have an autoguidance guide beside them."""
-    from .checkpoint import GUIDE_NAME
+    from .checkpoint import guide_path
     from .diffusers_io import is_diffusers_dir
     from .loading import resolve_weights_path
 
-    return not is_diffusers_dir(path) and (resolve_weights_path(path).parent / f"{GUIDE_NAME}.safetensors").is_file()
+    return not is_diffusers_dir(path) and guide_path(resolve_weights_path(path)).is_file()
 
 
 def cmd_report(args) -> int:

@@ -9,8 +9,6 @@ report (path printed) next to the run or the sample file.
 
 from __future__ import annotations
 
-import dataclasses
-
 import re
 import sys
 from pathlib import Path
@@ -70,12 +68,11 @@ def _draw(run, device, num: int, args, batch_size: int):
     """Samples of a run with the shared sampling options, and the settings and conditioning (labels
     and guidance of a class-conditional run: uniform labels unless --class) a report records."""
     from .batch_sampling import sample_batches, sampler_settings
-    from .cli_steer import autoguidance, sampling_conditioning
+    from .cli_steer import sampling_conditioning
 
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, num)
-    cond = dataclasses.replace(cond, autoguidance=autoguidance(run, args))
     x0 = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
                         progress=args.progress, labels=cond.labels, guidance=cond.guidance,
                         autoguidance=cond.autoguidance)

@@ -36,7 +36,7 @@ class Conditioning:
     guidance: float
     per_class: int | None
     num: int
-    autoguidance: float = 1.0  # set by ``ddpm eval`` from ``autoguidance(run, args)``
+    autoguidance: float = 1.0  # 1 = off (``_autoguidance``)
 
     def describe(self) -> str:
         """", class 7, guidance 3" and the like for the CLI's summary line ("" when unconditional)."""
@@ -81,7 +81,7 @@ def _guidance(run, args) -> float:
     return check_guidance(run.config.sample.guidance if args.guidance is None else args.guidance)
 
 
-def autoguidance(run, args) -> float:
+def _autoguidance(run, args) -> float:
     """The autoguidance scale of ``ddpm sample``/``ddpm eval``: --autoguidance, else the run's
     ``sample.autoguidance``; 1 (off) for a run that kept no guide, which --autoguidance refuses."""
     given = getattr(args, "autoguidance", None)
@@ -95,23 +95,25 @@ def autoguidance(run, args) -> float:
 
 
 def sampling_conditioning(run, args, num: int) -> Conditioning:
-    """Labels and guidance of ``ddpm sample``/``ddpm eval`` from --class, --guidance, --per-class:
-    label i is a function of (seed, i) alone, so sample i depends only on its seed and label."""
+    """Labels, guidance and autoguidance of ``ddpm sample``/``ddpm eval`` from --class, --guidance,
+    --per-class and --autoguidance: label i is a function of (seed, i) alone, so sample i depends
+    only on its seed and label."""
     from .batch_sampling import uniform_labels
 
-    per_class = getattr(args, "per_class", None)
+    per_class, auto = getattr(args, "per_class", None), _autoguidance(run, args)
     if run.num_classes is None:
         _refuse_unconditional(run, args, ("--class", "--guidance", "--per-class"))
-        return Conditioning(None, 1.0, None, num)
+        return Conditioning(None, 1.0, None, num, auto)
     K, guidance = run.num_classes, _guidance(run, args)
     if per_class is not None and args.cls != "all":
         raise UserError("--per-class goes with --class all (one row of PER_CLASS samples per class)")
     if args.cls == "all":
         per_class = per_class or max(1, num // K)
-        return Conditioning(torch.arange(K).repeat_interleave(per_class), guidance, per_class, K * per_class)
+        return Conditioning(torch.arange(K).repeat_interleave(per_class), guidance, per_class, K * per_class, auto)
     if args.cls is None:
-        return Conditioning(uniform_labels(args.seed, num, K), guidance, None, num)
-    return Conditioning(torch.full((num,), class_label(run, args.cls), dtype=torch.long), guidance, None, num)
+        return Conditioning(uniform_labels(args.seed, num, K), guidance, None, num, auto)
+    label = class_label(run, args.cls)
+    return Conditioning(torch.full((num,), label, dtype=torch.long), guidance, None, num, auto)
 
 
 def editing_conditioning(run, args) -> tuple[int | None, float]:

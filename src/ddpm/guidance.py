@@ -66,14 +66,19 @@ def guided_model(model: Model, labels, guidance: float, batch: int, device: torc
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), both_labels)
         out_c, out_null = out.to(x.dtype).chunk(2)
-        C = x.shape[1]
-        if out_c.shape[1] == 2 * C and out_c.shape[2:] == x.shape[2:]:
-            # Learned variance: guide the prediction, keep the conditional variance channels.
-            mixed = out_null[:, :C] + w * (out_c[:, :C] - out_null[:, :C])
-            return torch.cat([mixed, out_c[:, C:]], dim=1)
-        return out_null + w * (out_c - out_null)
+        return _combine(out_c, out_null, w, x)
 
     return guided
+
+
+def _combine(out: torch.Tensor, base: torch.Tensor, w: float, x: torch.Tensor) -> torch.Tensor:
+    """base + w (out - base); for a learned variance, (B, 2C, ...), only the prediction channels
+    are combined and the variance channels are ``out``'s."""
+    C = x.shape[1]
+    if out.shape[1] == 2 * C and out.shape[2:] == x.shape[2:]:
+        mixed = base[:, :C] + w * (out[:, :C] - base[:, :C])
+        return torch.cat([mixed, out[:, C:]], dim=1)
+    return base + w * (out - base)
 
 
 def autoguided_model(model: Model, guide: Model, autoguidance: float) -> Model:
@@ -91,12 +96,7 @@ def autoguided_model(model: Model, guide: Model, autoguidance: float) -> Model:
         return model
 
     def autoguided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        good, bad = model(x, t).to(x.dtype), guide(x, t).to(x.dtype)
-        C = x.shape[1]
-        if good.shape[1] == 2 * C and good.shape[2:] == x.shape[2:]:
-            mixed = bad[:, :C] + w * (good[:, :C] - bad[:, :C])
-            return torch.cat([mixed, good[:, C:]], dim=1)
-        return bad + w * (good - bad)
+        return _combine(model(x, t).to(x.dtype), guide(x, t).to(x.dtype), w, x)
 
     return autoguided
 

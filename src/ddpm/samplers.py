@@ -276,11 +276,9 @@ def sample(
     device = torch.device(device)
     if guide is None and check_guidance(autoguidance) != 1.0:
         raise ValueError(f"autoguidance={autoguidance} needs guide= (the network earlier in its training)")
-    if guide is not None:  # both networks guided by the labels first, then one by the other
-        guide = guided_model(guide, labels, guidance, shape[0], device)
     model = guided_model(model, labels, guidance, shape[0], device)  # the model itself when unconditional
-    if guide is not None:
-        model = autoguided_model(model, guide, autoguidance)
+    if guide is not None:  # both networks guided by the labels first, then one by the other
+        model = autoguided_model(model, guided_model(guide, labels, guidance, shape[0], device), autoguidance)
     dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
 
     # Everything the loop needs lives on the device from here on: no host round trips per step.

@@ -21,8 +21,8 @@ do. One optimizer step (``_optimizer_step``)::
 
 and after it, when due: a log record (``ddpm.runlog``), the stop check (time budget, a stop signal),
 once, a copy of the EMA as the autoguidance guide (``train.guide_at``; saved in every later
-checkpoint), the divergence check, previews, checkpoints and evaluation (``_periodic_work``). Every resource
-(process group, run-directory lock, prefetch threads, log file, TensorBoard writer, progress
+checkpoint), the divergence check, previews, checkpoints and evaluation (``_periodic_work``).
+Every resource (process group, run-directory lock, prefetch threads, log file, TensorBoard writer, progress
 bar, signal handlers) is entered on one ``ExitStack`` and released on every exit: the end of the
 run, a signal or an exception.
 
@@ -120,16 +120,16 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
             stop = _should_stop(r, signals[0], at_log)  # "time", a signal number or None
+            p = progress(config, r.step, r.time_fraction)
             if at_log or stop is not None:  # the last record holds the step and progress reached
                 threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
                           loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None,
-                          progress=progress(config, r.step, r.time_fraction),
+                          progress=p,
                           elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None,
                           threads=threads)
-            if r.rank == 0 and c.guide_at is not None and r.guide is None and \
-                    progress(config, r.step, r.time_fraction) >= c.guide_at:  # the EMA kept as the autoguidance guide
-                r.guide, r.guide_step = copy.deepcopy(r.ema), r.step
+            if r.rank == 0 and c.guide_at is not None and r.guide is None and p >= c.guide_at:
+                r.guide, r.guide_step = copy.deepcopy(r.ema), r.step  # the EMA kept as the autoguidance guide
             if at_log or r.step % c.max_nonfinite == 0:
                 _check_divergence(r)  # before any save: a diverged run keeps its last checkpoint
             # (no final grid after a signal: the user wants out, the checkpoint is what matters)
