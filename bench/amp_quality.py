@@ -28,7 +28,7 @@ from mnist_quality import get_classifier, score
 
 
 def _draw(run, args, amp: str | None, seed: int) -> tuple[torch.Tensor, float]:
-    from ddpm.batch_sampling import sample_batches, sampler_settings
+    from ddpm.sampling.batches import sample_batches, sampler_settings
 
     settings = sampler_settings(run, args.sampler, args.steps)
     t0 = time.perf_counter()
@@ -57,8 +57,8 @@ def main() -> None:
     args = p.parse_args()
 
     import ddpm
-    from ddpm.accel import describe_amp
-    from ddpm.batch_sampling import sampler_settings
+    from ddpm.core.device import describe_amp
+    from ddpm.sampling.batches import sampler_settings
 
     run = ddpm.load(args.run, device=args.device)  # prepared as `ddpm sample` prepares it
     settings = sampler_settings(run, args.sampler, args.steps)

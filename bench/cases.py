@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ddpm import accel
-from ddpm.diffusion import p_mean_variance, training_loss
-from ddpm.samplers import gaussian_noise, per_sample_seeds, sample
-from ddpm.schedules import NoiseSchedule
+from ddpm.core import device as accel
+from ddpm.core.diffusion import p_mean_variance, training_loss
+from ddpm.sampling.samplers import gaussian_noise, per_sample_seeds, sample
+from ddpm.core.schedules import NoiseSchedule
 
 T = 1000
 LR = 2e-4

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm
-from ddpm.batch_sampling import sample_batches, sampler_settings
+from ddpm.sampling.batches import sample_batches, sampler_settings
 from ddpm.errors import UserError
 from mnist_quality import _mnist, get_classifier
 

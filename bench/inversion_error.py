@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
 
     import ddpm
-    from ddpm.data import open_source
+    from ddpm.data.sources import open_source
 
     run = ddpm.load(args.run, fast=False)  # float32: no autocast in a numerical round trip
     x0 = open_source("mnist", split="test").get_batch(torch.arange(args.num))

@@ -44,7 +44,7 @@ class Classifier(nn.Module):
 
 
 def _mnist(split: str):
-    from ddpm.data import load_mnist
+    from ddpm.data.sources import load_mnist
 
     images, labels = load_mnist(split)
     return images.float() / 127.5 - 1.0, labels
@@ -128,8 +128,8 @@ def main() -> None:
         label = args.npz
     else:
         import ddpm
-        from ddpm import accel
-        from ddpm.samplers import per_sample_seeds
+        from ddpm.core import device as accel
+        from ddpm.sampling.samplers import per_sample_seeds
 
         run = ddpm.load(args.run, device=args.device)
         kw, shape, guide = run.sample_kwargs, run.shape, run.guide_kwargs(args.autoguidance)
@@ -146,7 +146,7 @@ def main() -> None:
         auto = f" autoguidance={guide['autoguidance']:g} (guide: step {run.guide_step})" if guide else ""
         label = f"{run.path} sampler={sampler} steps={steps}{auto} ({time.time() - t0:.0f}s)"
     if args.grid:
-        from ddpm.viz import save_grid
+        from ddpm.evaluation.viz import save_grid
 
         save_grid(images[:100].cpu(), args.grid, nrow=10)
     result = score(images)

@@ -51,7 +51,7 @@ def diffusers_unet(seed: int = 0) -> nn.Module:
 
 def model_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(ours, diffusers) with identical weights, both in train mode, float32, on the CPU."""
-    from ddpm.unet import UNet
+    from ddpm.nets.unet import UNet
 
     theirs = diffusers_unet(seed)
     return UNet.from_diffusers(theirs), DiffusersEps(theirs)

@@ -31,8 +31,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ddpm.data import open_source
-from ddpm.viz import to_uint8
+from ddpm.data.sources import open_source
+from ddpm.evaluation.viz import to_uint8
 
 out = sys.argv[1]
 digits = to_uint8(open_source("mnist", split="test").get_batch([0, 1]))[..., 0]  # (2, 28, 28) uint8

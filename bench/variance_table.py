@@ -29,11 +29,11 @@ import time
 import torch
 
 import ddpm
-from ddpm.batch_sampling import SamplerSettings, sample_batches
-from ddpm.cli_eval import apply_variance
-from ddpm.data import open_source
+from ddpm.sampling.batches import SamplerSettings, sample_batches
+from ddpm.cli.eval import apply_variance
+from ddpm.data.sources import open_source
 from ddpm.errors import UserError
-from ddpm.nll import nll_bpd
+from ddpm.core.nll import nll_bpd
 from mnist_quality import score
 
 ROWS = (("fixed", "fixed_small"), ("learned", "learned_range"), ("fixed + analytic", "analytic"))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.schedules import NoiseSchedule
 
 
 class GaussianMixture:

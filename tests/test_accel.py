@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm import accel
+from ddpm.core import device as accel
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.analytic import AnalyticVariance, analytic_variance, reverse_variances
-from ddpm.diffusion import respaced_schedule
-from ddpm.nll import nll_bpd
-from ddpm.samplers import sample, timestep_grid
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.analytic import AnalyticVariance, analytic_variance, reverse_variances
+from ddpm.core.diffusion import respaced_schedule
+from ddpm.core.nll import nll_bpd
+from ddpm.sampling.samplers import sample, timestep_grid
+from ddpm.core.schedules import NoiseSchedule
 from gmm import GaussianMixture
 
 S_DATA, T, N = 0.3, 100, 4000

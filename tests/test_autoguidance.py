@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 import ddpm
 from ddpm.errors import UserError
-from ddpm.guidance import autoguided_model
+from ddpm.sampling.guidance import autoguided_model
 from ddpm.presets import get_preset
-from ddpm.samplers import per_sample_seeds, sample
-from ddpm.schedules import NoiseSchedule
-from ddpm.training import train
+from ddpm.sampling.samplers import per_sample_seeds, sample
+from ddpm.core.schedules import NoiseSchedule
+from ddpm.training.loop import train
 
 
 def tensors(run_dir, step, name):
@@ -142,7 +142,7 @@ def test_a_damaged_guide_is_refused_not_used(guided_run, tmp_path):
 
 
 def test_export_to_diffusers_says_the_guide_stays_behind(guided_run, tmp_path, capsys):
-    from ddpm.cli import main
+    from ddpm.cli.main import main
 
     _, run_dir = guided_run
     assert main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "pipe")]) == 0

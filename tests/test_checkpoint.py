@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from ddpm import checkpoint
-from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load
+from ddpm.io import checkpoint
+from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load
 from ddpm.errors import UserError
 from ddpm.config import TrainConfig, read_config_file
 from ddpm.presets import get_preset, resolve_config
-from ddpm.training import train
+from ddpm.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.cli import build_parser, main
+from ddpm.cli.main import build_parser, main
 
 TINY = ["--preset", "tiny", "--no-progress"]
 

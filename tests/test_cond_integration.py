@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm.checkpoint import load
-from ddpm.cli import main
-from ddpm.data import open_source
-from ddpm.diffusion import q_sample
-from ddpm.loader import IndexStream
-from ddpm.training import train
-from ddpm.unet import UNet
-from ddpm.viz import to_uint8
+from ddpm.io.checkpoint import load
+from ddpm.cli.main import main
+from ddpm.data.sources import open_source
+from ddpm.core.diffusion import q_sample
+from ddpm.data.loader import IndexStream
+from ddpm.training.loop import train
+from ddpm.nets.unet import UNet
+from ddpm.evaluation.viz import to_uint8
 
 
 def weights(run_dir, step, name="model"):
@@ -198,7 +198,7 @@ def test_sample_depends_only_on_its_seed_and_label(cond_run, tmp_path, capsys):
 
 
 def test_eval_fid_draws_uniform_labels_or_the_class(cond_run, plain_run, tmp_path, capsys, monkeypatch):
-    from ddpm import evaluate, fid
+    from ddpm.evaluation import evaluate, fid
 
     drawn = []
     monkeypatch.setattr(evaluate, "check_reference", lambda ref, ref_data: None)

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import predict_x0_from_eps, v_from_x0_eps
-from ddpm.guidance import guided_model
-from ddpm.mlp import MLPConfig, MLPDenoiser
-from ddpm.samplers import SAMPLERS, per_sample_seeds, sample
-from ddpm.schedules import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.core.diffusion import predict_x0_from_eps, v_from_x0_eps
+from ddpm.sampling.guidance import guided_model
+from ddpm.nets.mlp import MLPConfig, MLPDenoiser
+from ddpm.sampling.samplers import SAMPLERS, per_sample_seeds, sample
+from ddpm.core.schedules import NoiseSchedule
+from ddpm.nets.unet import UNet, UNetConfig
 from gmm import GaussianMixture, energy_distance
 
 N = 2000
@@ -294,11 +294,11 @@ def test_conditional_mlp_samples_with_guidance():
 
 def test_public_names_are_the_functions():
     # A submodule named like its function would shadow it once imported (ddpm.train was renamed
-    # ddpm.training for that reason): the modules are guidance, inpainting, inversion, interpolation.
+    # ddpm.training.loop for that reason): the modules are guidance, inpainting, inversion, interpolation.
     import ddpm
-    from ddpm.inpainting import inpaint
-    from ddpm.interpolation import interpolate
-    from ddpm.inversion import invert
+    from ddpm.sampling.inpainting import inpaint
+    from ddpm.sampling.interpolation import interpolate
+    from ddpm.sampling.inversion import invert
 
     assert (ddpm.inpaint, ddpm.invert, ddpm.interpolate, ddpm.guided_model) == (inpaint, invert, interpolate,
                                                                                 guided_model)

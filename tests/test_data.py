@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import data, readers
-from ddpm.data import TOY_SETS, open_source, require_labels, toy_log_density, toy_sample
+from ddpm.data import sources as data, readers
+from ddpm.data.sources import TOY_SETS, open_source, require_labels, toy_log_density, toy_sample
 from ddpm.errors import UserError
 
 MNIST_DIR = readers._bundled_mnist_dir()
@@ -421,9 +421,9 @@ def test_non_square_sizes_crop_and_pad(tmp_path):
 def test_unet_takes_height_and_width_and_int_configs_stay_as_they_were():
     from dataclasses import replace
 
-    from ddpm.checkpoint import item_shape
+    from ddpm.io.checkpoint import item_shape
     from ddpm.config import TrainConfig
-    from ddpm.unet import UNet, UNetConfig
+    from ddpm.nets.unet import UNet, UNetConfig
 
     square = UNetConfig(in_channels=3, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                         dropout=0.0, norm_groups=4)
@@ -452,7 +452,7 @@ def test_unet_takes_height_and_width_and_int_configs_stay_as_they_were():
 
 def test_train_and_sample_non_square_rgba_and_rgb_end_to_end(tmp_path, capsys):
     from ddpm import load
-    from ddpm.cli import main
+    from ddpm.cli.main import main
 
     rng = np.random.default_rng(4)
     icons = tmp_path / "icons"

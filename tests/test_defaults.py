@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm import accel
-from ddpm.batch_sampling import SamplerSettings, sample_batches
-from ddpm.checkpoint import load
-from ddpm.cli import build_parser, main
-from ddpm.samplers import SAMPLERS, sample
+from ddpm.core import device as accel
+from ddpm.sampling.batches import SamplerSettings, sample_batches
+from ddpm.io.checkpoint import load
+from ddpm.cli.main import build_parser, main
+from ddpm.sampling.samplers import SAMPLERS, sample
 from test_evaluate import make_run
 from test_samplers import N, _passes, setup  # noqa: F401  (setup: the mixture, its reference and bar)
 
@@ -148,7 +148,7 @@ def test_channels_last_is_preferred_from_width_64():
     assert accel.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 8, 3)))
     assert not accel.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 128, 3)))
     assert not accel.prefers_channels_last(nn.Linear(2, 128))  # no convolution: no layout to choose
-    from ddpm.unet import UNet
+    from ddpm.nets.unet import UNet
 
     with torch.device("meta"):
         assert accel.prefers_channels_last(UNet.from_preset("cifar10"))
@@ -172,7 +172,7 @@ class _Recorder(nn.Module):
 
 
 def _fake_run(**attrs):
-    from ddpm.schedules import NoiseSchedule
+    from ddpm.core.schedules import NoiseSchedule
 
     return SimpleNamespace(model=_Recorder(), schedule=NoiseSchedule.from_name("linear", 20), shape=(2,),
                            sample_kwargs={"clip_denoised": False}, **attrs)
@@ -257,7 +257,7 @@ def test_sampler_updates_stay_float32_under_autocast(sampler):
         seen.append(x.dtype)
         return (0.1 * x).to(torch.bfloat16)
 
-    from ddpm.schedules import NoiseSchedule
+    from ddpm.core.schedules import NoiseSchedule
 
     schedule = NoiseSchedule.from_name("linear", 50)
     kw = dict(sampler=sampler, steps=5, generator=1, clip_denoised=False)

@@ -21,14 +21,14 @@ diffusers = pytest.importorskip("diffusers")
 from test_unet import randomized  # noqa: E402
 
 import ddpm  # noqa: E402
-from ddpm import cli  # noqa: E402
-from ddpm.checkpoint import save_checkpoint  # noqa: E402
+from ddpm.cli.main import main  # noqa: E402
+from ddpm.io.checkpoint import save_checkpoint  # noqa: E402
 from ddpm.config import DiffusionConfig, TrainConfig  # noqa: E402
-from ddpm.diffusers_io import (SCHEDULER_DEFAULTS, UNET_DEFAULTS, diffusion_from_scheduler,  # noqa: E402
+from ddpm.io.diffusers import (SCHEDULER_DEFAULTS, UNET_DEFAULTS, diffusion_from_scheduler,  # noqa: E402
                                export_diffusers, is_diffusers_dir)
 from ddpm.errors import UserError  # noqa: E402
-from ddpm.samplers import timestep_grid  # noqa: E402
-from ddpm.unet import UNet, UNetConfig  # noqa: E402
+from ddpm.sampling.samplers import timestep_grid  # noqa: E402
+from ddpm.nets.unet import UNet, UNetConfig  # noqa: E402
 
 STEPS = 10
 SMALL = UNetConfig(in_channels=3, image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -153,7 +153,7 @@ def test_pipeline_directory_loads_and_samples_like_diffusers(tmp_path, capsys):
     # The one command: a downloaded pipeline sampled with DPM-Solver++(2M) in 20 steps.
     out = tmp_path / "x.png"
     argv = ["sample", str(tmp_path / "pipe"), "--sampler", "dpm++2m", "--steps", "20", "--num", "4", "--out", str(out)]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     assert out.is_file() and "dpm++2m, 20 steps" in capsys.readouterr().out
 
 
@@ -254,7 +254,7 @@ EXPORTS = {
 def test_export_loads_in_diffusers_and_samples_the_same(tmp_path, case):
     diffusion, overrides, beta_schedule = EXPORTS[case]
     run_dir, _, ema = make_run(tmp_path, diffusion=diffusion, unet=replace(SMALL, **overrides))
-    assert cli.main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "out")]) == 0
+    assert main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "out")]) == 0
     run = ddpm.load(run_dir)
 
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
@@ -286,7 +286,7 @@ def test_export_refusals_and_cli(tmp_path, capsys):
     run_dir, _, _ = make_run(tmp_path, diffusion=DiffusionConfig())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
-    assert cli.main(["export", str(run_dir), str(tmp_path / "full")]) == 2
+    assert main(["export", str(run_dir), str(tmp_path / "full")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exists and is not an empty directory" in err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
@@ -300,7 +300,7 @@ def test_export_refusals_and_cli(tmp_path, capsys):
 
     # --no-ema exports the online weights.
     run_dir, online, _ = make_run(tmp_path / "online", diffusion=DiffusionConfig())
-    assert cli.main(["export", str(run_dir), str(tmp_path / "online-out"), "--no-ema"]) == 0
+    assert main(["export", str(run_dir), str(tmp_path / "online-out"), "--no-ema"]) == 0
     back = ddpm.load(tmp_path / "online-out")
     x, t = x_T(4), torch.tensor([1, 2])
     with torch.no_grad():

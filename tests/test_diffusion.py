@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import (
+from ddpm.core.diffusion import (
     PREDICTIONS,
     WEIGHTINGS,
     discretized_gaussian_log_likelihood,
@@ -24,7 +24,7 @@ from ddpm.diffusion import (
     x0_eps_from_output,
     x0_eps_from_v,
 )
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.schedules import NoiseSchedule
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm.presets import get_preset
-from ddpm.training import train
+from ddpm.training.loop import train
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     import signal
     import time
 
-    from ddpm.checkpoint import list_checkpoints
+    from ddpm.io.checkpoint import list_checkpoints
 
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():

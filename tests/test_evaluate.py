@@ -11,12 +11,12 @@ import torch
 
 from test_cli import expect_user_error
 
-from ddpm import evaluate
-from ddpm.cli import main
+from ddpm.evaluation import evaluate
+from ddpm.cli.main import main
 from ddpm.config import EvalConfig
-from ddpm.diffusion import discretized_gaussian_log_likelihood
-from ddpm.nll import nll_bpd, stratified_timesteps, vlb_terms
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.diffusion import discretized_gaussian_log_likelihood
+from ddpm.core.nll import nll_bpd, stratified_timesteps, vlb_terms
+from ddpm.core.schedules import NoiseSchedule
 
 M, S = 0.3, 0.5  # Gaussian data x0 ~ N(M, S^2) per dimension
 LN2 = math.log(2.0)
@@ -136,7 +136,7 @@ def test_discretized_decoder_probabilities_sum_to_one():
 # -- toy metrics ----------------------------------------------------------------------------------
 
 def test_two_sample_statistics_truth_vs_truth_and_shifted():
-    from ddpm.data import toy_sample
+    from ddpm.data.sources import toy_sample
 
     g = torch.Generator().manual_seed(0)
     a, b = toy_sample("two_moons", 600, g), toy_sample("two_moons", 600, g)
@@ -150,7 +150,7 @@ def test_two_sample_statistics_truth_vs_truth_and_shifted():
 
 
 def test_toy_metrics_report():
-    from ddpm.data import toy_sample
+    from ddpm.data.sources import toy_sample
 
     truth = toy_sample("gaussian_mixture", 800, torch.Generator().manual_seed(7))
     good = evaluate.toy_metrics(truth, "gaussian_mixture", seed=1)
@@ -166,7 +166,7 @@ def test_toy_metrics_report():
 
 
 def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
-    from ddpm.data import open_source
+    from ddpm.data.sources import open_source
 
     cfg = EvalConfig()
     assert evaluate.periodic_eval(None, schedule, cfg, step=100, run_dir=tmp_path, shape=(2,), sample_kwargs={}) is None
@@ -197,7 +197,7 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
 def make_run(run_dir, preset, step=2):
     """A run directory as the trainer writes it (config.json + ckpt-NNNNNNN/), with untrained
     weights: the CLI plumbing is under test here, not the training loop."""
-    from ddpm.checkpoint import save_checkpoint
+    from ddpm.io.checkpoint import save_checkpoint
     from ddpm.config import build_model
     from ddpm.presets import resolve_config
 
@@ -263,7 +263,7 @@ def test_recipe_for_converted_diffusers_weights(tmp_path):
 
     diffusers = pytest.importorskip("diffusers")
     from ddpm import UNet, load
-    from ddpm.checkpoint import save_checkpoint
+    from ddpm.io.checkpoint import save_checkpoint
     from ddpm.presets import get_preset
 
     torch.manual_seed(0)

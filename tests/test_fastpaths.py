@@ -1,4 +1,4 @@
-"""Fast paths (ddpm.accel) compute the same function as the plain float32 eager path: bf16
+"""Fast paths (ddpm.core.device) compute the same function as the plain float32 eager path: bf16
 autocast within bf16 rounding, channels_last and CUDA-graph replay to float32 rounding, the fused
 EMA and optimizer equal to their textbook formulas, and samples from one seed unchanged in
 distribution-free terms (the same images up to bf16 tolerance)."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm import accel
-from ddpm.samplers import sample
-from ddpm.schedules import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.core import device as accel
+from ddpm.sampling.samplers import sample
+from ddpm.core.schedules import NoiseSchedule
+from ddpm.nets.unet import UNet, UNetConfig
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,8 +153,8 @@ def test_same_seed_gives_the_same_samples_in_the_fast_mode():
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from ddpm import accel
-from ddpm.unet import UNet, UNetConfig
+from ddpm.core import device as accel
+from ddpm.nets.unet import UNet, UNetConfig
 torch.set_num_threads(1)
 if sys.argv[1] == "keep" and not accel.keep_freed_memory():
     print("unsupported"); sys.exit()

@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddpm import checkpoint, loading, rundir
-from ddpm.checkpoint import list_checkpoints, load
-from ddpm.cli import main
+from ddpm.io import checkpoint, run as loading, files as rundir
+from ddpm.io.checkpoint import list_checkpoints, load
+from ddpm.cli.main import main
 from ddpm.errors import UserError
-from ddpm.training import TrainingDiverged, train
-from ddpm.unet import UNet
+from ddpm.training.loop import TrainingDiverged, train
+from ddpm.nets.unet import UNet
 
 TINY = ["--preset", "tiny", "--no-progress"]
 
@@ -271,7 +271,7 @@ def test_an_adam_moment_of_the_wrong_shape_is_refused_not_a_segfault(run4, tmp_p
 
 @pytest.fixture(scope="module")
 def good_state(run4):
-    from ddpm import accel
+    from ddpm.core import device as accel
     from ddpm.config import build_model
 
     optimizer = accel.make_optimizer(build_model(load(run4).config.model).parameters(), lr=1e-3)
@@ -303,7 +303,7 @@ def _set(path, value):
 def test_a_malformed_state_is_a_one_line_error(good_state, edit, needle):
     import copy
 
-    from ddpm.training_state import check_state
+    from ddpm.io.state import check_state
 
     state, optimizer = copy.deepcopy(good_state[0]), good_state[1]
     replaced = edit(state)
@@ -415,7 +415,7 @@ def test_absurd_sizes_are_one_line_errors_not_allocations(tmp_path):
     script = f"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-from ddpm.cli import main
+from ddpm.cli.main import main
 for extra in (["--batch-size", "1000000000"], ["--set", "data.image_size=1e6"], ["--set", "model.ch=100000"]):
     print(main(["train", "--preset", "tiny", "--no-progress", "--out", {str(tmp_path / "r")!r}, *extra]))
 """

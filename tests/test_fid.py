@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import fid
+from ddpm.evaluation import fid
 from ddpm.errors import UserError
 
 tf_inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
@@ -173,8 +173,8 @@ def test_cached_stats_round_trip(tmp_path):
 def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_path, monkeypatch):
     from PIL import Image
 
-    from ddpm import evaluate
-    from ddpm.cli import main
+    from ddpm.evaluation import evaluate
+    from ddpm.cli.main import main
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -228,12 +228,12 @@ def test_compute_fid_with_folder_reference_cache_and_cli(net, weights_file, tmp_
 
 
 def test_cifar10_reference_feeds_the_exact_uint8_images(net, weights_file, tmp_path):
-    """--ref cifar10-train reads the pickles through ddpm.data and hands Inception the original
+    """--ref cifar10-train reads the pickles through ddpm.data.sources and hands Inception the original
     8-bit pixels (the [-1, 1] round trip is exact); a two-batch folder written in the official format."""
     from test_data import _write_cifar
 
-    from ddpm import evaluate
-    from ddpm.data import open_source
+    from ddpm.evaluation import evaluate
+    from ddpm.data.sources import open_source
 
     counts = (("data_batch_1", 1), ("data_batch_2", 1), ("test_batch", 1))
     written = _write_cifar(tmp_path / "cifar-10-batches-py", counts)

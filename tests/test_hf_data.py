@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import open_source, require_labels
+from ddpm.data.sources import open_source, require_labels
 from ddpm.errors import UserError
 
 
@@ -158,7 +158,7 @@ def test_training_uses_the_configured_columns(datasets, tmp_path):
     `id` column (5 classes) instead of the detected ClassLabel `label` (3 classes) records id's classes."""
     import json
 
-    from ddpm.cli import main
+    from ddpm.cli.main import main
 
     _save_labelled(datasets, tmp_path / "ds", n=10)
     out = tmp_path / "run"

@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.inpainting import inpaint, repaint_path
-from ddpm.samplers import per_sample_seeds
-from ddpm.schedules import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.sampling.inpainting import inpaint, repaint_path
+from ddpm.sampling.samplers import per_sample_seeds
+from ddpm.core.schedules import NoiseSchedule
+from ddpm.nets.unet import UNet, UNetConfig
 from gmm import GaussianMixture, energy_distance
 from test_conditional import ConditionalOracle
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.diffusion import predict_x0_from_eps, q_sample
-from ddpm.interpolation import interpolate, slerp
-from ddpm.inversion import invert
-from ddpm.samplers import gaussian_noise, per_sample_seeds, sample
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.diffusion import predict_x0_from_eps, q_sample
+from ddpm.sampling.interpolation import interpolate, slerp
+from ddpm.sampling.inversion import invert
+from ddpm.sampling.samplers import gaussian_noise, per_sample_seeds, sample
+from ddpm.core.schedules import NoiseSchedule
 from gmm import GaussianMixture
 from test_conditional import ConditionalOracle
 

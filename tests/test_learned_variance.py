@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import (
+from ddpm.core.diffusion import (
     p_mean_variance,
     q_posterior_mean_variance,
     q_sample,
@@ -19,9 +19,9 @@ from ddpm.diffusion import (
     training_loss,
     vlb_term,
 )
-from ddpm.nll import nll_bpd
-from ddpm.samplers import gaussian_noise, per_sample_seeds, sample, timestep_grid
-from ddpm.schedules import NoiseSchedule
+from ddpm.core.nll import nll_bpd
+from ddpm.sampling.samplers import gaussian_noise, per_sample_seeds, sample, timestep_grid
+from ddpm.core.schedules import NoiseSchedule
 
 SHAPE = (3, 2, 4, 4)
 
@@ -262,7 +262,7 @@ def test_learned_range_matches_diffusers(monkeypatch, steps):
 
 def test_from_diffusers_learned_range_model_and_its_sampling(monkeypatch):
     diffusers = pytest.importorskip("diffusers")
-    from ddpm.unet import UNet
+    from ddpm.nets.unet import UNet
 
     torch.manual_seed(0)
     peer = diffusers.UNet2DModel(

@@ -1,4 +1,4 @@
-"""ddpm.loader: the data order (IndexStream) and the Prefetcher (same batches as a direct fetch,
+"""ddpm.data.loader: the data order (IndexStream) and the Prefetcher (same batches as a direct fetch,
 fetched ahead, workers stopped)."""
 
 import threading
@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from ddpm.loader import Prefetcher
-from ddpm.loader import IndexStream
+from ddpm.data.loader import Prefetcher
+from ddpm.data.loader import IndexStream
 
 DATA = torch.arange(50 * 3, dtype=torch.float32).view(50, 3)
 
@@ -86,7 +86,7 @@ def test_bad_arguments_are_refused():
 
 def test_training_with_worker_threads_matches_training_without(tmp_path):
     import ddpm
-    from ddpm.checkpoint import read_weights
+    from ddpm.io.checkpoint import read_weights
 
     base = ddpm.get_preset("tiny").override(**{"train.steps": 6, "train.sample_every": 0, "train.progress": False})
     runs = {}

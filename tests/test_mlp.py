@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpm.mlp import MLPConfig, MLPDenoiser
+from ddpm.nets.mlp import MLPConfig, MLPDenoiser
 
 
 def test_shapes_and_t_forms():

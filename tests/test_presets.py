@@ -9,13 +9,14 @@ import typing
 import pytest
 import torch
 
-from ddpm import accel, diffusion, samplers, schedules
-from ddpm import unet as unet_module
+from ddpm.core import device as accel, diffusion, schedules
+from ddpm.sampling import samplers
+from ddpm.nets import unet as unet_module
 from ddpm.config import DiffusionConfig, LoopConfig, SampleConfig, EvalConfig, TrainConfig, build_model
-from ddpm.data import SCHEMES, open_source
+from ddpm.data.sources import SCHEMES, open_source
 from ddpm.errors import UserError
 from ddpm.presets import PRESETS, RECIPES, get_preset, resolve_config
-from ddpm.unet import UNet
+from ddpm.nets.unet import UNet
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -15,10 +15,10 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from ddpm.cli import main
+from ddpm.cli.main import main
 from ddpm.presets import get_preset
-from ddpm.report import MAX_PREVIEWS, read_jsonl, smooth, write_report
-from ddpm.viz import save_grid
+from ddpm.evaluation.report import MAX_PREVIEWS, read_jsonl, smooth, write_report
+from ddpm.evaluation.viz import save_grid
 
 
 class _Page(HTMLParser):

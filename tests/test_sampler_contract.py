@@ -1,4 +1,4 @@
-"""The contract every sampler keeps, run over ``ddpm.samplers.SAMPLERS`` so that a new sampler is
+"""The contract every sampler keeps, run over ``ddpm.sampling.samplers.SAMPLERS`` so that a new sampler is
 tested the day it is added (in the manner of diffusers' common scheduler tests).
 
 What each sampler must do, whatever its algorithm: return the requested shape in the working
@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.samplers import SAMPLERS, default_steps, gaussian_noise, per_sample_seeds, sample
-from ddpm.schedules import NoiseSchedule
+from ddpm.sampling.samplers import SAMPLERS, default_steps, gaussian_noise, per_sample_seeds, sample
+from ddpm.core.schedules import NoiseSchedule
 
 T = 50
 # Every sampler with its defaults, plus the variants that draw fresh noise at every step.

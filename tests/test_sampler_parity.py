@@ -1,7 +1,7 @@
 """Parity with diffusers' DDPMScheduler and DDIMScheduler (a test-only peer).
 
 Both sides get the same model (a fixed random linear map plus sin(t), deterministic) and the same
-noise: ours comes from ``ddpm.samplers.gaussian_noise`` (draw 0 is x_T, draw j+1 the noise of step
+noise: ours comes from ``ddpm.sampling.samplers.gaussian_noise`` (draw 0 is x_T, draw j+1 the noise of step
 j), and diffusers is handed the same tensors (``variance_noise=`` for DDIM; for DDPM, which draws
 its own, its module-level ``randn_tensor`` is patched). Each side runs on its own states, so errors
 would compound; the whole x_t trajectories must agree to 1e-5 of the sample scale (an off-by-one
@@ -37,8 +37,8 @@ pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
-from ddpm.samplers import gaussian_noise, per_sample_seeds, sample, timestep_grid  # noqa: E402
-from ddpm.schedules import NoiseSchedule  # noqa: E402
+from ddpm.sampling.samplers import gaussian_noise, per_sample_seeds, sample, timestep_grid  # noqa: E402
+from ddpm.core.schedules import NoiseSchedule  # noqa: E402
 
 SHAPE = (3, 2, 4, 4)
 T = 1000

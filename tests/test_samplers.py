@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.samplers import SAMPLERS, gaussian_noise, per_sample_seeds, sample, timestep_grid
-from ddpm.schedules import NoiseSchedule
+from ddpm.sampling.samplers import SAMPLERS, gaussian_noise, per_sample_seeds, sample, timestep_grid
+from ddpm.core.schedules import NoiseSchedule
 from gmm import GaussianMixture
 
 N = 4000  # points per oracle run

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 
-from ddpm.timestep_sampling import LossAwareTimestepSampler
+from ddpm.training.timestep_sampling import LossAwareTimestepSampler
 
 
 def fill(ts: LossAwareTimestepSampler, loss_of_t, rounds: int) -> None:

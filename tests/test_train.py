@@ -18,16 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm.budget import CpuThreads, TimeBudget
-from ddpm.budget import lr_at as _lr_at
-from ddpm.checkpoint import list_checkpoints, load
+from ddpm.training.budget import CpuThreads, TimeBudget
+from ddpm.training.budget import lr_at as _lr_at
+from ddpm.io.checkpoint import list_checkpoints, load
 from ddpm.config import TrainConfig
-from ddpm.data import open_source
+from ddpm.data.sources import open_source
 from ddpm.errors import UserError
-from ddpm.loader import IndexStream
+from ddpm.data.loader import IndexStream
 from ddpm.presets import get_preset
-from ddpm.training import _ema_decay_at, train
-from ddpm.unet import UNet
+from ddpm.training.loop import _ema_decay_at, train
+from ddpm.nets.unet import UNet
 
 
 def weights(run_dir, step, name="model"):
@@ -307,7 +307,7 @@ def _scaler(**kwargs):
 
 def test_fp16_resume_restores_the_loss_scale_bit_for_bit(tmp_path, tiny, monkeypatch):
     # growth every step: the scale at the resume point differs from a fresh scaler's
-    monkeypatch.setattr("ddpm.accel.make_grad_scaler", _scaler(growth_interval=1))
+    monkeypatch.setattr("ddpm.core.device.make_grad_scaler", _scaler(growth_interval=1))
     config = tiny(**{"train.amp": "fp16", "train.steps": 6, "train.ckpt_every": 3})
     straight = train(config, out=tmp_path / "straight")
     train(config.override(**{"train.steps": 3}), out=tmp_path / "split")
@@ -322,7 +322,7 @@ def test_fp16_resume_restores_the_loss_scale_bit_for_bit(tmp_path, tiny, monkeyp
 
 def test_fp16_overflow_skips_are_logged_and_are_not_divergence(tmp_path, tiny, monkeypatch):
     # a scale of 2^40 overflows fp16 gradients until the scaler has halved it far enough
-    monkeypatch.setattr("ddpm.accel.make_grad_scaler", _scaler(init_scale=2.0**40))
+    monkeypatch.setattr("ddpm.core.device.make_grad_scaler", _scaler(init_scale=2.0**40))
     config = tiny(**{"train.amp": "fp16", "train.steps": 30, "train.log_every": 1, "train.ckpt_every": 0,
                      "train.max_nonfinite": 1})
     run_dir = train(config, out=tmp_path / "r")  # no TrainingDiverged although max_nonfinite is 1

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ddpm.errors import UserError
-from ddpm.schedules import SCHEDULES, make_beta_schedule
-from ddpm.viz import (plot_schedules, save_grid, save_scatter, save_trajectory_strip,
+from ddpm.core.schedules import SCHEDULES, make_beta_schedule
+from ddpm.evaluation.viz import (plot_schedules, save_grid, save_scatter, save_trajectory_strip,
                       schedule_table, to_uint8)
 
 

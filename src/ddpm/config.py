@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .accel import AMP_MODES
-from .diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
+from .core.device import AMP_MODES
+from .core.diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
 from .errors import UserError, first_line
-from .samplers import SAMPLERS
-from .schedules import SCHEDULES
+from .sampling.samplers import SAMPLERS
+from .core.schedules import SCHEDULES
 
 # The choices of the ``Literal[...]`` fields below are the tuples of the modules that implement
 # them, so a new schedule, prediction, variance or sampler is accepted here the day it is added.
 AMP_CHOICES = ("auto", *AMP_MODES)
-SAMPLER_NAMES = SAMPLERS  # deprecated alias: use ddpm.samplers.SAMPLERS
+SAMPLER_NAMES = SAMPLERS  # deprecated alias: use ddpm.sampling.samplers.SAMPLERS
 
 
 def _check_literals(obj: Any) -> None:
@@ -84,7 +84,7 @@ class DiffusionConfig:
                  f"weighting {self.weighting!r} weights L_simple; objective 'vlb' needs weighting 'simple'")
 
     def make_schedule(self):
-        from .schedules import NoiseSchedule
+        from .core.schedules import NoiseSchedule
 
         return NoiseSchedule.from_name(
             self.schedule, self.timesteps, linear_start=self.linear_start, linear_end=self.linear_end,
@@ -130,19 +130,19 @@ class LoopConfig:
     sample_every: int = 10_000  # 0 = previews only at the end
     ckpt_every: int = 10_000  # 0 = checkpoint only at the end
     keep_last: int = 3
-    max_minutes: Optional[float] = None  # time budget: stop (and save) once spent; the lr decays over it (ddpm.budget)
+    max_minutes: Optional[float] = None  # time budget: stop (and save) once spent; the lr decays over it (ddpm.training.budget)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal[AMP_CHOICES] = "auto"  # auto = bf16 on CUDA and on CPUs with native bf16, else off (accel.resolve_amp)
     channels_last: bool = False
     compile: bool = False
-    num_workers: int = 0  # background threads fetching the next batches (ddpm.loader.Prefetcher)
+    num_workers: int = 0  # background threads fetching the next batches (ddpm.data.loader.Prefetcher)
     progress: bool = True
     max_nonfinite: int = 20  # steps in a row with a NaN/Inf loss or gradient (each skipped) that stop the run
     # classifier-free guidance training (Ho & Salimans 2022): the share of labels replaced by the
     # null label, so that one network learns the conditional and the unconditional model; read only
     # by class-conditional runs (model.num_classes)
     cond_drop_prob: float = 0.1
-    # autoguidance (Karras et al. 2024): at this share of the run's progress (ddpm.budget.progress)
+    # autoguidance (Karras et al. 2024): at this share of the run's progress (ddpm.training.budget.progress)
     # the EMA weights are kept as the guide, saved in every later checkpoint (guide.safetensors)
     # and used by samples with sample.autoguidance != 1; None = no guide
     guide_at: Optional[float] = None
@@ -162,7 +162,7 @@ class LoopConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training data comes from (a ``ddpm.data.open_source`` spec) and its augmentation."""
+    """Where the training data comes from (a ``ddpm.data.sources.open_source`` spec) and its augmentation."""
 
     source: str = "mnist"
     hflip: bool = False  # random horizontal flip (the paper's CIFAR-10 augmentation)
@@ -177,7 +177,7 @@ class DataConfig:
     def __post_init__(self):
         _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
         if self.image_size is not None:
-            from .unet_config import image_hw
+            from .nets.unet_config import image_hw
 
             image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
         _require(self.channels in (None, 1, 3, 4), f"channels must be 1, 3 or 4, got {self.channels}")
@@ -212,7 +212,7 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     """Evaluation during training every ``every`` steps (0 = off, the default), on rank 0 with the
-    EMA model and a small sample count (``ddpm.evaluate.periodic_eval``; one JSON line per
+    EMA model and a small sample count (``ddpm.evaluation.evaluate.periodic_eval``; one JSON line per
     evaluation in RUN_DIR/eval/periodic.jsonl).
 
     ``metrics``: any of "toy" (toy runs), "nll" (stratified bound on ``num`` data items), "fid"
@@ -320,11 +320,11 @@ def model_type(model_config: Any) -> str:
 
 def _model_config_class(kind: str):
     if kind == "unet":
-        from .unet_config import UNetConfig
+        from .nets.unet_config import UNetConfig
 
         return UNetConfig
     if kind == "mlp":
-        from .mlp import MLPConfig
+        from .nets.mlp import MLPConfig
 
         return MLPConfig
     raise ValueError(f"model type {kind!r} not allowed; choose one of unet, mlp")
@@ -333,10 +333,10 @@ def _model_config_class(kind: str):
 def build_model(model_config: Any):
     """The network a model config describes (``UNet`` or ``MLPDenoiser``)."""
     if model_type(model_config) == "unet":
-        from .unet import UNet
+        from .nets.unet import UNet
 
         return UNet(model_config)
-    from .mlp import MLPDenoiser
+    from .nets.mlp import MLPDenoiser
 
     return MLPDenoiser(model_config)
 

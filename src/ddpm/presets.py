@@ -5,7 +5,7 @@ Layers of a resolved config, later ones winning::
     preset (mnist, cifar10, toy2d, tiny, mnist-learned, mnist-cond)  <-  config file (TOML / YAML / JSON)  <-  flags
 
 Each recipe is a small function in :data:`RECIPES` returning a fresh ``TrainConfig``. The U-Net
-recipes take their network from ``ddpm.unet_config.PRESETS`` under the same name, so
+recipes take their network from ``ddpm.nets.unet_config.PRESETS`` under the same name, so
 ``UNet.from_preset(name)`` is the network that ``ddpm train --preset name`` trains. The schema
 itself (``TrainConfig`` and one dataclass per concern) lives in ``ddpm.config``.
 """
@@ -19,8 +19,8 @@ from typing import Any, Callable
 from .config import (DataConfig, DiffusionConfig, LoopConfig, OptimConfig, SampleConfig, TrainConfig, merge_dicts,
                      read_config_file)
 from .errors import UserError
-from .mlp import MLPConfig
-from .unet_config import preset_config
+from .nets.mlp import MLPConfig
+from .nets.unet_config import preset_config
 
 
 def _mnist() -> TrainConfig:
@@ -31,7 +31,7 @@ def _mnist() -> TrainConfig:
     the whole run, previews by ancestral sampling on 100 respaced steps, autoguided (Karras et al.
     2024) by the EMA as it was 30% of the way through the run (w = 3). Its length is a time
     budget: 14 minutes of training (``max_minutes``; start-up, the final grid and the report fit in
-    the rest of the 15), over which the learning rate decays (``ddpm.budget``), so a slow or busy
+    the rest of the 15), over which the learning rate decays (``ddpm.training.budget``), so a slow or busy
     machine takes fewer steps and still finishes its schedule; 20,000 steps cap it on a fast one
     (a 2-core CPU alone reaches about 4,000-5,900 at the 4.8-7.0 steps/s measured). Measurements
     behind each choice: docs/mnist-recipe.md.

@@ -1,0 +1,209 @@
+"""A run directory as one writer's workspace: its lock, durable file writes, checksums, sweeping.
+
+- ``RunLock``: an exclusive ``fcntl.flock`` on ``RUN/.lock``, held by the training process for
+  the whole run, so a second trainer pointed at the same directory is refused with one line
+  naming the holder's pid. The kernel drops a flock when its process dies, so the lock file a
+  killed run leaves behind blocks nobody; the file itself is never deleted (unlinking a lock
+  file lets a waiter lock an orphaned inode while a newcomer locks a fresh one).
+- ``write_durable``/``atomic_write_text``: files are written with ``os.open(..., 0o666)`` (the
+  kernel applies the user's umask, as ``open()`` in any other tool does), flushed and fsync'ed;
+  ``atomic_write_text`` writes a temporary file and renames it over the target.
+- Manifests: a checkpoint folder carries ``manifest.json`` with the size and SHA-256 of each of
+  its files, computed from the bytes handed to the disk and written before the rename that
+  publishes the folder; ``verify`` re-hashes the files and names the first one that differs.
+- Temporary names carry the writer's pid (``.tmp-PID-TOKEN-WHAT``, ``.del-PID-TOKEN-WHAT``), so
+  ``sweep_temporaries`` removes only leftovers of this process or of processes that are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+_OWNED_RE = re.compile(r"^\.(?:tmp|del)-(\d+)-[0-9a-f]+-")
+_LEGACY_RE = re.compile(r"^\.tmp-ckpt-|^\.config\.json\.")  # mkdtemp/mkstemp names of earlier versions
+# errno values that mean "this machine's resources or permissions", reported as one line.
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
+                   errno.ENOTDIR}
+
+
+def temp_name(what: str, kind: str = "tmp") -> str:
+    """``.tmp-PID-TOKEN-what``: hidden, unique, and traceable to the process that made it."""
+    return f".{kind}-{os.getpid()}-{secrets.token_hex(4)}-{what}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_temporaries(run_dir: Path) -> None:
+    """Delete temporary files and folders in ``run_dir`` left by this process or by dead ones
+    (a kill during a save or a rotation); those of a live process are left alone."""
+    for p in Path(run_dir).iterdir():
+        m = _OWNED_RE.match(p.name)
+        if m:
+            pid = int(m.group(1))
+            if pid != os.getpid() and _pid_alive(pid):
+                continue
+        elif not _LEGACY_RE.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def retire(path: Path) -> None:
+    """Delete a folder by renaming it to a ``.del-`` name first (atomic), so a kill midway leaves
+    a temporary that the next sweep removes, never a half-deleted folder under its real name."""
+    gone = path.with_name(temp_name(path.name, "del"))
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_durable(path: Path, data: bytes) -> str:
+    """Create ``path`` (which must not exist) holding ``data``, fsync it; return its SHA-256."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        _write_fd(fd, data)
+        os.fsync(fd)
+    except OSError as exc:  # os.write does not say which file: a full disk should
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(temp_name(path.name))
+    try:
+        write_durable(tmp, text.encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+# -- checksums ----------------------------------------------------------------------------------
+
+def manifest_text(step: int, digests: dict[str, tuple[int, str]]) -> str:
+    files = {name: {"bytes": size, "sha256": sha} for name, (size, sha) in digests.items()}
+    return json.dumps({"format": "ddpm-checkpoint/1", "step": step, "files": files}, indent=1) + "\n"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoint manifests, FID weights and references)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder: Path, names) -> str | None:
+    """None when ``names`` in ``folder`` match its manifest (or it has none: checkpoints written
+    before manifests existed load unverified); else what is wrong, e.g. ``"ema.safetensors:
+    SHA-256 mismatch"``."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST}: unreadable"
+    for name in names:
+        entry, path = files.get(name), Path(folder) / name
+        if not isinstance(entry, dict):
+            return f"{name}: not in {MANIFEST}"
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return f"{name}: size differs from {MANIFEST} (truncated or replaced)"
+        if sha256_file(path) != entry.get("sha256"):
+            return f"{name}: SHA-256 mismatch"
+    return None
+
+
+# -- the lock -----------------------------------------------------------------------------------
+
+class RunLock:
+    """Exclusive lock of one run directory for one training process (context manager).
+
+    Creates the directory if needed. On entry a run locked by another live process raises a
+    UserError naming it and its pid; on exit (or when the process dies) the lock is released.
+    Where the file system offers no locks (some network mounts), training goes on unlocked.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here
+            return self
+        self.created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise UserError(f"{self.run_dir} is in use by {who} (another ddpm train writes to it); wait for it "
+                            f"to finish or stop it, or choose another --out") from None
+        except OSError:  # ENOLCK/EOPNOTSUPP: no locking on this file system
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            if self.created and os.listdir(self.run_dir) == [LOCK]:  # a run that failed to start leaves no trace
+                (self.run_dir / LOCK).unlink()
+                self.run_dir.rmdir()
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
