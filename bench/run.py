@@ -156,7 +156,7 @@ def count_model_flops(models: dict, device: torch.device) -> dict:
 
 def same_function(models: dict, device: torch.device) -> str:
     """Evidence that both sides hold the same network: their outputs on one batch (eval mode)."""
-    from ddpm.nets.unet import PRESETS
+    from ddpm.nets.unet_config import PRESETS
 
     x = torch.randn(2, 3, 32, 32, device=device)
     t = torch.tensor([10, 900], device=device)

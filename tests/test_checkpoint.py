@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddpm.io import checkpoint
-from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints, load
+from ddpm.io.checkpoint import latest_checkpoint, list_checkpoints
+from ddpm.io.run import load
 from ddpm.errors import UserError
 from ddpm.config import TrainConfig, read_config_file
 from ddpm.presets import get_preset, resolve_config

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm.io.checkpoint import load
+from ddpm.io.run import load
 from ddpm.cli.main import main
 from ddpm.data.sources import open_source
 from ddpm.core.diffusion import q_sample

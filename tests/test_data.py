@@ -421,7 +421,7 @@ def test_non_square_sizes_crop_and_pad(tmp_path):
 def test_unet_takes_height_and_width_and_int_configs_stay_as_they_were():
     from dataclasses import replace
 
-    from ddpm.io.checkpoint import item_shape
+    from ddpm.config import item_shape
     from ddpm.config import TrainConfig
     from ddpm.nets.unet import UNet, UNetConfig
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ddpm.core import device as accel
 from ddpm.sampling.batches import SamplerSettings, sample_batches
-from ddpm.io.checkpoint import load
+from ddpm.io.run import load
 from ddpm.cli.main import build_parser, main
 from ddpm.sampling.samplers import SAMPLERS, sample
 from test_evaluate import make_run

@@ -25,7 +25,8 @@ from ddpm.cli.main import main  # noqa: E402
 from ddpm.io.checkpoint import save_checkpoint  # noqa: E402
 from ddpm.config import DiffusionConfig, TrainConfig  # noqa: E402
 from ddpm.io.diffusers import (SCHEDULER_DEFAULTS, UNET_DEFAULTS, diffusion_from_scheduler,  # noqa: E402
-                               export_diffusers, is_diffusers_dir)
+                               is_diffusers_dir)
+from ddpm.io.run import export_diffusers  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.sampling.samplers import timestep_grid  # noqa: E402
 from ddpm.nets.unet import UNet, UNetConfig  # noqa: E402

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddpm.io import checkpoint, run as loading, files as rundir
-from ddpm.io.checkpoint import list_checkpoints, load
+from ddpm.io.checkpoint import list_checkpoints
+from ddpm.io.run import load
 from ddpm.cli.main import main
 from ddpm.errors import UserError
 from ddpm.training.loop import TrainingDiverged, train

@@ -11,7 +11,7 @@ import torch
 
 from ddpm.core import device as accel, diffusion, schedules
 from ddpm.sampling import samplers
-from ddpm.nets import unet as unet_module
+from ddpm.nets import unet_config as unet_module
 from ddpm.config import DiffusionConfig, LoopConfig, SampleConfig, EvalConfig, TrainConfig, build_model
 from ddpm.data.sources import SCHEMES, open_source
 from ddpm.errors import UserError

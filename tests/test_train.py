@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from ddpm.training.budget import CpuThreads, TimeBudget
 from ddpm.training.budget import lr_at as _lr_at
-from ddpm.io.checkpoint import list_checkpoints, load
+from ddpm.io.checkpoint import list_checkpoints
+from ddpm.io.run import load
 from ddpm.config import TrainConfig
 from ddpm.data.sources import open_source
 from ddpm.errors import UserError

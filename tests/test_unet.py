@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ddpm.nets.unet import PRESETS, UNet, UNetConfig, preset_config, timestep_embedding, timestep_frequencies
+from ddpm.nets.unet import UNet, UNetConfig, timestep_embedding, timestep_frequencies
+from ddpm.nets.unet_config import PRESETS, preset_config
 
 # A 3-channel 16x16 network with attention at 8x8 and in the middle, every part of the
 # architecture at a size where a forward pass takes milliseconds. Spelled out rather than taken

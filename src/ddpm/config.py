@@ -18,9 +18,13 @@ from typing import Any, Literal, Optional, Union
 
 from .core.device import AMP_MODES
 from .core.diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
+from .core.schedules import SCHEDULES, NoiseSchedule
+from .core.shapes import image_hw
 from .errors import UserError, first_line
+from .nets.mlp import MLPConfig, MLPDenoiser
+from .nets.unet import UNet
+from .nets.unet_config import UNetConfig
 from .sampling.samplers import SAMPLERS
-from .core.schedules import SCHEDULES
 
 # The choices of the ``Literal[...]`` fields below are the tuples of the modules that implement
 # them, so a new schedule, prediction, variance or sampler is accepted here the day it is added.
@@ -84,7 +88,6 @@ class DiffusionConfig:
                  f"weighting {self.weighting!r} weights L_simple; objective 'vlb' needs weighting 'simple'")
 
     def make_schedule(self):
-        from .core.schedules import NoiseSchedule
 
         return NoiseSchedule.from_name(
             self.schedule, self.timesteps, linear_start=self.linear_start, linear_end=self.linear_end,
@@ -177,7 +180,6 @@ class DataConfig:
     def __post_init__(self):
         _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
         if self.image_size is not None:
-            from .nets.unet_config import image_hw
 
             image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
         _require(self.channels in (None, 1, 3, 4), f"channels must be 1, 3 or 4, got {self.channels}")
@@ -320,11 +322,9 @@ def model_type(model_config: Any) -> str:
 
 def _model_config_class(kind: str):
     if kind == "unet":
-        from .nets.unet_config import UNetConfig
 
         return UNetConfig
     if kind == "mlp":
-        from .nets.mlp import MLPConfig
 
         return MLPConfig
     raise ValueError(f"model type {kind!r} not allowed; choose one of unet, mlp")
@@ -333,10 +333,8 @@ def _model_config_class(kind: str):
 def build_model(model_config: Any):
     """The network a model config describes (``UNet`` or ``MLPDenoiser``)."""
     if model_type(model_config) == "unet":
-        from .nets.unet import UNet
 
         return UNet(model_config)
-    from .nets.mlp import MLPDenoiser
 
     return MLPDenoiser(model_config)
 
@@ -430,3 +428,17 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: config must be a table/object at the top level")
     return data
+
+
+def item_shape(config: TrainConfig) -> tuple[int, ...]:
+    """One item's shape: (C, H, W) for an image model, (dim,) for a point model."""
+    m = config.model
+    if hasattr(m, "image_size"):
+        return (m.in_channels, *m.hw)  # (C, H, W); hw is (S, S) for an int image_size
+    return (m.dim,)
+
+
+def sample_kwargs(config: TrainConfig) -> dict:
+    """The run's prediction, variance and clipping, as every sampler takes them."""
+    d = config.diffusion
+    return {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised}

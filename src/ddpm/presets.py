@@ -16,8 +16,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (DataConfig, DiffusionConfig, LoopConfig, OptimConfig, SampleConfig, TrainConfig, merge_dicts,
-                     read_config_file)
+from .config import (
+    DataConfig,
+    DiffusionConfig,
+    LoopConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    merge_dicts,
+    read_config_file,
+)
 from .errors import UserError
 from .nets.mlp import MLPConfig
 from .nets.unet_config import preset_config

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .diffusion import PREDICTIONS, check_choice, q_sample, respaced_schedule, split_output, x0_eps_from_output
 from .schedules import NoiseSchedule
@@ -197,7 +198,6 @@ def analytic_variance(
     seen, x_sum, x_sq = 0, 0.0, 0.0
     batches = _random_batches(data, num, batch_size, generator)
     if progress:
-        from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=-(-min(num, len(data)) // batch_size), desc="analytic variance", unit="batch")
     for x0 in batches:

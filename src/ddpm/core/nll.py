@@ -20,6 +20,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .diffusion import DECODERS, VARIANCES, check_choice, normal_kl, q_mean_variance, q_sample, vlb_term
 from .schedules import NoiseSchedule
@@ -148,7 +149,6 @@ def nll_bpd(
     totals, priors, decoders, kls, per_t = [], [], [], [], []
     batches = _as_batches(data, batch_size, num)
     if progress:
-        from tqdm.auto import tqdm
 
         total = -(-(len(data) if num is None else min(num, len(data))) // batch_size)
         batches = tqdm(batches, total=total, desc="nll", unit="batch")

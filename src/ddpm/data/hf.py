@@ -23,9 +23,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .sources import PILSource, check_labels
 from ..errors import UserError, first_line
+from .images import PILSource
+from .labels import check_labels
 
 __all__ = ["HFSource", "open_hf", "LABEL_NAMES", "INSTALL_HINT"]
 
@@ -132,7 +134,6 @@ class HFSource(PILSource):
         return len(self._images)
 
     def _image(self, index: int):
-        from PIL import Image
 
         value = self._images[int(index)][self.image_column]
         if isinstance(value, Image.Image):

@@ -41,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..core.shapes import image_hw
 from ..errors import UserError
+from .hf import open_hf
+from .images import CHANNELS, IMAGE_SUFFIXES, PILSource, convert_channels, fit_size, read_image, to_unit_range
+from .labels import Labelled, check_class_names, check_labels, require_labels
 from .readers import CIFAR10_CLASSES, MNIST_CLASSES, load_cifar10, load_mnist
 from .toy import TOY_SETS, ToySource, check_toy, toy_log_density, toy_sample
-from ..nets.unet_config import image_hw
 
 __all__ = [
     "SCHEMES", "TOY_SETS", "CHANNELS", "open_source", "open_data", "require_labels", "check_labels",
@@ -53,67 +56,11 @@ __all__ = [
 ]
 
 SCHEMES = ("mnist", "cifar10", "folder", "npz", "hf", "toy")
-CHANNELS = (1, 3, 4)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as 1 channel when none is asked
-
-
-# -- labels -----------------------------------------------------------------------------------------
-
-def check_labels(labels, n: int, where: str) -> torch.Tensor:
-    """``labels`` as a LongTensor (n,) after checking: integers, one per item, all >= 0."""
-    array = np.asarray(labels)
-    if array.dtype.kind not in "iu":
-        raise UserError(f"{where}: labels must be integers, got dtype {array.dtype}")
-    if array.shape != (n,):
-        raise UserError(f"{where}: labels have shape {array.shape}, expected ({n},): one per image")
-    if n and array.min() < 0:
-        raise UserError(f"{where}: labels must be >= 0, found {array.min()}")
-    return torch.from_numpy(array.astype(np.int64))
-
-
-def _check_class_names(names, labels: torch.Tensor, where: str) -> list[str]:
-    names = [str(name) for name in names]
-    if len(labels) and int(labels.max()) >= len(names):
-        raise UserError(f"{where}: label {int(labels.max())} has no class name ({len(names)} names)")
-    return names
-
-
-def require_labels(source, purpose: str = "a class-conditional run") -> int:
-    """The number of classes K of ``source`` (its labels lie in 0..K-1): ``len(class_names)`` when
-    it names them, else the largest label + 1. A source without labels raises a one-line UserError."""
-    labels = getattr(source, "labels", None)
-    if labels is None:
-        raise UserError(f"data source {getattr(source, 'name', source)} has no labels; {purpose} needs labelled "
-                        "data: mnist, cifar10:DIR, folder:DIR with one sub-folder per class, npz:FILE with a "
-                        "'labels' array, or hf:NAME with a label column")
-    names = getattr(source, "class_names", None)
-    return len(names) if names else int(labels.max()) + 1
-
-
-class _Labelled:
-    """``labels`` (LongTensor (N,) or None), ``class_names`` and ``get_batch_labels``."""
-
-    labels: torch.Tensor | None = None
-    class_names: list[str] | None = None
-
-    def get_batch_labels(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Labels (B,) int64 of the items that ``get_batch(indices)`` returns."""
-        require_labels(self)
-        return self.labels[torch.as_tensor(indices, dtype=torch.long)]
 
 
 # -- in-memory image sources ----------------------------------------------------------------------
 
-def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 [-1, 1] (x / 127.5 - 1, inverted exactly by ``viz.to_uint8``)."""
-    if x.dtype == torch.uint8:
-        return x.to(torch.float32) / 127.5 - 1.0
-    return x.to(torch.float32)
-
-
-class ImageSource(_Labelled, Dataset):
+class ImageSource(Labelled, Dataset):
     """Images held in memory as uint8 (or float32 in [-1, 1]) of shape (N, C, H, W)."""
 
     kind = "image"
@@ -123,7 +70,7 @@ class ImageSource(_Labelled, Dataset):
         assert images.ndim == 4, f"images must be (N, C, H, W), got {tuple(images.shape)}"
         self.images = images
         self.labels = None if labels is None else check_labels(labels, images.shape[0], name)
-        self.class_names = None if class_names is None else _check_class_names(class_names, self.labels, name)
+        self.class_names = None if class_names is None else check_class_names(class_names, self.labels, name)
         self.name = name
         self.shape = tuple(images.shape[1:])
 
@@ -131,64 +78,21 @@ class ImageSource(_Labelled, Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return _to_unit_range(self.images[index])
+        return to_unit_range(self.images[index])
 
     def get_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float32 in [-1, 1] for the given item indices."""
-        return _to_unit_range(self.images[torch.as_tensor(indices, dtype=torch.long)])
+        return to_unit_range(self.images[torch.as_tensor(indices, dtype=torch.long)])
 
     def __repr__(self) -> str:
         return f"ImageSource({self.name!r}, n={len(self)}, shape={self.shape})"
 
 
-def _fit_size(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(N, C, h, w) -> (N, C, H, W): scaled to cover (H, W) (for a square size: the shorter side
-    resized to S), then centre-cropped.
-
-    Resizing uses antialiased bilinear interpolation on float32 values, in chunks so that a whole
-    data set never exists in float32 at the new size; uint8 input comes back rounded to uint8 so
-    that large data sets stay compact in memory.
-    """
-    n, c, h, w = x.shape
-    H, W = hw
-    scale = max(H / h, W / w)
-    if scale != 1:
-        new_hw = (max(H, round(h * scale)), max(W, round(w * scale)))
-        chunks = []
-        for part in x.split(1024):
-            y = F.interpolate(part.to(torch.float32), size=new_hw, mode="bilinear",
-                              antialias=True, align_corners=False)
-            chunks.append(y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y)
-        x = torch.cat(chunks)
-        h, w = new_hw
-    top, left = (h - H) // 2, (w - W) // 2
-    return x[:, :, top:top + H, left:left + W].contiguous()
-
-
-def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """(N, C, H, W) with C in {1, 3, 4} -> ``channels`` channels: grey is repeated, colour becomes
-    ITU-R 601 luma, alpha is dropped, or added as opaque (255, or 1 for floats in [-1, 1])."""
-    c = x.shape[1]
-    if channels is None or channels == c:
-        return x
-    rgb = x.expand(-1, 3, -1, -1) if c == 1 else x[:, :3]
-    if channels == 1:
-        # PIL's "L" conversion weights (which also ignores alpha), so that folder and array sources
-        # agree; they sum to 1, so the same weights are right for float values in [-1, 1].
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        y = (rgb.to(torch.float32) * weights).sum(1, keepdim=True)
-        return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
-    if channels == 3:
-        return rgb.contiguous()
-    opaque = torch.full_like(x[:, :1], 255 if x.dtype == torch.uint8 else 1)
-    return torch.cat([rgb, opaque], dim=1)
-
-
 def _finish(images: torch.Tensor, name: str, hw: tuple[int, int] | None, channels: int | None,
             labels=None, class_names=None) -> ImageSource:
-    images = _convert_channels(images, channels)
+    images = convert_channels(images, channels)
     if hw is not None:
-        images = _fit_size(images, hw)
+        images = fit_size(images, hw)
     return ImageSource(images, name, labels, class_names)
 
 
@@ -210,62 +114,6 @@ def _open_cifar10(directory: str, split: str, hw: tuple[int, int] | None, channe
     images, labels = load_cifar10(directory, split, download)
     name = f"cifar10:{directory}" + ("" if split == "train" else " (test)")
     return _finish(images, name, hw, channels, labels, CIFAR10_CLASSES)
-
-
-# -- images decoded with PIL when indexed (folders, Hugging Face data sets) ------------------------
-
-class PILSource(_Labelled, Dataset):
-    """Images decoded with PIL when indexed, resized to cover ``hw`` and centre-cropped.
-
-    Subclasses (``FolderSource``, ``ddpm.data.hf.HFSource``) implement ``_image(index)``, returning
-    a PIL image, and call ``_set_shape`` in their constructor.
-    """
-
-    kind = "image"
-
-    def _image(self, index: int):
-        raise NotImplementedError
-
-    def _set_shape(self, image_size, channels: int | None) -> None:
-        """Without ``image_size``: the square of the first image's shorter side; without
-        ``channels``: 1 for a grey first image, else 3 (RGB, dropping any alpha)."""
-        if channels not in (None, *CHANNELS):
-            raise UserError(f"channels must be 1, 3 or 4, got {channels!r}")
-        first = self._image(0) if image_size is None or channels is None else None
-        self.hw = (min(first.size),) * 2 if image_size is None else image_hw(image_size)
-        self.channels = channels or (1 if first.mode in _GREY_MODES else 3)
-        self.shape = (self.channels, *self.hw)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = self._image(index)
-        if image.mode in ("I", "I;16", "F") and self.channels == 1:
-            # 16-bit/float greys: PIL's "L" conversion clips; scale the range to 8 bits first.
-            array = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode != "F" else max(float(array.max()), 1.0)
-            pixels = np.round(array / top * 255.0).astype(np.uint8)[None]
-        else:
-            pixels = np.asarray(image.convert(_PIL_MODES[self.channels]), dtype=np.uint8)
-            pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        x = _fit_size(torch.from_numpy(pixels.copy())[None], self.hw)[0]
-        return _to_unit_range(x)
-
-    def get_batch(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        return torch.stack([self[int(i)] for i in torch.as_tensor(indices).tolist()])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, n={len(self)}, shape={self.shape})"
-
-
-def read_image(path: Path):
-    """A PIL image, fully read; an unreadable file is a UserError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
-    return image
 
 
 class FolderSource(PILSource):
@@ -393,7 +241,6 @@ def open_source(spec: str, *, image_size=None, channels: int | None = None, spli
     if scheme == "folder":
         return FolderSource(rest, hw, channels)
     if scheme == "hf":
-        from .hf import open_hf
 
         return open_hf(rest, image_size=hw, channels=channels, split=split, image_column=image_column,
                        label_column=label_column)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .labels import require_labels
 
 __all__ = ["TOY_SETS", "check_toy", "toy_sample", "toy_log_density", "ToySource"]
 
@@ -132,7 +133,6 @@ class ToySource(Dataset):
 
     def get_batch_labels(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """As every source's; a toy set has no labels, so this raises the one-line UserError."""
-        from .sources import require_labels
 
         require_labels(self)
 

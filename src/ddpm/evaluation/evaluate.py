@@ -29,9 +29,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from . import fid as _fid
 from ..config import EvalConfig
+from ..core.nll import nll_bpd
+from ..data.sources import open_source, toy_log_density, toy_sample
 from ..errors import UserError
+from ..sampling.batches import SamplerSettings, sample_batches
+from . import fid as _fid
+from .viz import to_uint8
 
 CIFAR10_ENV = "DDPM_CIFAR10_DIR"
 CIFAR10_REFS = {"cifar10-train": "train", "cifar10-test": "test"}
@@ -130,7 +134,6 @@ def reference_statistics(reference: str, net, weights: _fid.InceptionWeights, *,
     ref_path = Path(reference)
     if reference in CIFAR10_REFS:
         folder = ref_data or os.environ.get(CIFAR10_ENV)
-        from ..data.sources import open_source
 
         source, key = open_source(f"cifar10:{folder}", split=CIFAR10_REFS[reference], download=False), reference
     elif ref_path.suffix == ".npz" and ref_path.is_file():
@@ -245,7 +248,6 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | No
 
 
 def _log_likelihood(name: str, x: torch.Tensor) -> dict | None:
-    from ..data.sources import toy_log_density
 
     try:
         logp = toy_log_density(name, x)
@@ -260,7 +262,6 @@ def toy_metrics(samples: torch.Tensor, name: str, *, seed: int = 0) -> dict:
     """Energy distance and MMD of ``samples`` (n, 2) against fresh draws of toy set ``name``, the
     same statistics for a second fresh draw (the truth-vs-truth baseline), and the average
     log-likelihood of the samples (and of the truth) under the exact density where it exists."""
-    from ..data.sources import toy_sample
 
     samples = torch.as_tensor(samples, dtype=torch.float32).cpu()
     if samples.ndim != 2 or samples.shape[1] != 2:
@@ -296,9 +297,6 @@ def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: st
     Returns the record, or None when nothing ran. The model is put back in its previous mode."""
     if not config.every or step % config.every:
         return None
-    from ..sampling.batches import SamplerSettings, sample_batches
-    from ..core.nll import nll_bpd
-    from .viz import to_uint8
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):

@@ -27,9 +27,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..io.files import sha256_file
+from .viz import to_uint8
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
@@ -186,7 +189,6 @@ def extract_stats(net: torch.nn.Module, batches: Iterable[np.ndarray], *, keep: 
     stats = FeatureStats(keep=keep)
     it = batches
     if progress:
-        from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="inception", unit="batch")
     for images in it:
@@ -341,7 +343,6 @@ def iter_batches(source, batch_size: int, limit: int | None = None) -> Iterator[
         if isinstance(source, np.ndarray):
             yield source[start:stop]
         elif isinstance(source, list):
-            from PIL import Image
 
             frames = []
             for p in source[start:stop]:
@@ -351,6 +352,5 @@ def iter_batches(source, batch_size: int, limit: int | None = None) -> Iterator[
                 raise UserError(f"images in one folder must share one size; found {sorted({f.shape for f in frames})}")
             yield np.stack(frames)
         else:
-            from .viz import to_uint8  # exact inverse of the loaders' u / 127.5 - 1
 
             yield to_uint8(torch.stack([source[i] for i in range(start, stop)]))

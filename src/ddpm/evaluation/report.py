@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..io.checkpoint import atomic_write_text
 
 __all__ = ["write_report", "build_report", "read_jsonl", "smooth", "svg_plot", "Series"]
 
@@ -339,7 +340,6 @@ def build_report(run_dir: str | os.PathLike) -> str:
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN/report.html``) atomically; return its path."""
-    from ..io.checkpoint import atomic_write_text
 
     text = build_report(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"

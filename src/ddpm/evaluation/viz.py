@@ -13,9 +13,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import UserError
 from ..core.schedules import SCHEDULES, NoiseSchedule
+from ..errors import UserError
 
 __all__ = ["to_uint8", "save_grid", "make_grid", "save_scatter", "save_trajectory_strip",
            "plot_schedules", "schedule_table"]
@@ -68,7 +69,6 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: int 
 
 
 def _save_array(array: np.ndarray, path: str | os.PathLike) -> Path:
-    from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,6 @@ def save_scatter(points, path: str | os.PathLike, *, reference=None, size: int =
     |coordinate| over both sets. Light grid lines mark integer coordinates (data are standardized
     to about unit scale). Dots are blended so that dense regions read darker.
     """
-    from PIL import Image, ImageDraw
 
     pts = _as_numpy(points).reshape(-1, 2)
     ref = None if reference is None else _as_numpy(reference).reshape(-1, 2)
@@ -153,7 +152,6 @@ def save_trajectory_strip(x0_preds, path: str | os.PathLike, *, timesteps: Seque
 
 def _label_columns(grid: np.ndarray, labels: list[str], tile: int, padding: int) -> np.ndarray:
     """Add a white header strip with one centred label per column of tiles."""
-    from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))

@@ -32,30 +32,32 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
-from ..config import TrainConfig
+from ..config import TrainConfig, build_model
+from ..core.analytic import AnalyticVariance
 from ..errors import UserError, first_line
-from .files import (MANIFEST, RESOURCE_ERRNOS, atomic_write_text, fsync_dir, manifest_text, retire,
-                     sweep_temporaries, temp_name, verify, write_durable)
+from .files import (
+    MANIFEST,
+    RESOURCE_ERRNOS,
+    atomic_write_text,
+    fsync_dir,
+    manifest_text,
+    retire,
+    sweep_temporaries,
+    temp_name,
+    verify,
+    write_durable,
+)
+from .state import check_state
 
 __all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint",
            "save_checkpoint", "restore_training_state"]
-
-_MOVED_TO_LOADING = ("LoadedRun", "load", "resolve_weights_path")
-
-
-def __getattr__(name: str):
-    # Moved to ddpm.io.run, which imports this module (a plain re-export here would be an import
-    # cycle); still importable from here, resolved on first use.
-    if name in _MOVED_TO_LOADING:
-        from . import run as loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
@@ -131,7 +133,6 @@ def save_checkpoint(
     or otherwise unwritable directory is a one-line UserError; the checkpoints already there are
     left intact.
     """
-    from safetensors.torch import save as safetensors_bytes
 
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:07d}"
@@ -209,7 +210,6 @@ def read_state(ckpt_dir: Path) -> dict:
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
     """(metadata, {name: shape}) of a safetensors file, without reading its tensors."""
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -223,7 +223,6 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, with a UserError naming it if it is damaged."""
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -271,7 +270,6 @@ def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Mod
     The state is validated before use (``training_state.check_state``), so a damaged or crafted
     ``state.pt`` is a one-line UserError rather than a crash in the optimizer's kernels.
     """
-    from .state import check_state
 
     ckpt = Path(ckpt)
     for module, name in ((model, "model.safetensors"), (ema, "ema.safetensors")):
@@ -326,7 +324,6 @@ def read_guide(weights_path: Path, model_config) -> tuple[torch.nn.Module, int] 
     """(the guide network, the step it was kept at) from ``guide.safetensors`` beside the weights
     ``weights_path`` (a ``ckpt-*`` folder's), or None when there is none. Verified like the weights:
     a checkpoint's manifest lists it."""
-    from ..config import build_model
 
     path = guide_path(weights_path)
     folder = path.parent
@@ -352,7 +349,6 @@ def _analytic_location(weights_path: Path) -> tuple[Path | None, str]:
 def write_analytic_variance(weights_path: Path, analytic) -> Path:
     """Save an ``AnalyticVariance`` estimated for the weights ``weights_path`` (in RUN/ckpt-*/) as
     RUN/analytic.json, atomically, naming those weights: it is used with them alone."""
-    import tempfile
 
     path, name = _analytic_location(weights_path)
     if path is None:
@@ -368,7 +364,6 @@ def write_analytic_variance(weights_path: Path, analytic) -> Path:
 def read_analytic_variance(weights_path: Path, timesteps: int):
     """(AnalyticVariance, "") from RUN/analytic.json when it was estimated for exactly these weights
     and T, else (None, why not)."""
-    from ..core.analytic import AnalyticVariance
 
     path, name = _analytic_location(weights_path)
     if path is None or not path.is_file():
@@ -381,15 +376,3 @@ def read_analytic_variance(weights_path: Path, timesteps: int):
     if doc.get("weights") != name or analytic.num_timesteps != timesteps:
         return None, f"{path} was estimated for {doc.get('weights')} (T={analytic.num_timesteps}), not {name}"
     return analytic, ""
-
-
-def item_shape(config: TrainConfig) -> tuple[int, ...]:
-    m = config.model
-    if hasattr(m, "image_size"):
-        return (m.in_channels, *m.hw)  # (C, H, W); hw is (S, S) for an int image_size
-    return (m.dim,)
-
-
-def sample_kwargs(config: TrainConfig) -> dict:
-    d = config.diffusion
-    return {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised}

@@ -50,8 +50,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from ..config import DataConfig, DiffusionConfig, SampleConfig, TrainConfig
+from ..core.diffusion import VARIANCES
+from ..core.schedules import NoiseSchedule, make_beta_schedule
 from ..errors import UserError, first_line
+from ..nets.convert import convert_diffusers_state_dict, diffusers_state_and_config
+from ..nets.unet import UNet
+from .checkpoint import read_weights
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The diffusers release whose file format this module writes (every key below exists there).
@@ -141,7 +148,6 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
 
 
 def _read_unet_weights(unet_dir: Path) -> tuple[dict, Path]:
-    from .checkpoint import read_weights
 
     for name in WEIGHT_FILES:
         file = unet_dir / name
@@ -157,8 +163,6 @@ def _read_unet_weights(unet_dir: Path) -> tuple[dict, Path]:
 
 
 def _unet_from_diffusers(unet_dir: Path):
-    from ..nets.convert import convert_diffusers_state_dict, diffusers_state_and_config
-    from ..nets.unet import UNet
 
     raw = _read_json(unet_dir / "config.json")
     if raw.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -184,9 +188,6 @@ def _unet_from_diffusers(unet_dir: Path):
 
 def diffusion_from_scheduler(raw: dict, where: str):
     """(DiffusionConfig, NoiseSchedule) of a diffusers scheduler config (see the module docstring)."""
-    from ..config import DiffusionConfig
-    from ..core.diffusion import VARIANCES
-    from ..core.schedules import NoiseSchedule
 
     cls = raw.get("_class_name", "DDPMScheduler")
     if cls not in SCHEDULERS:
@@ -234,14 +235,12 @@ def diffusion_from_scheduler(raw: dict, where: str):
         raise UserError(f"{where}: {first_line(exc)}") from None
 
 
-def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu", scheduler_config: str | Path | None = None):
-    """A ``LoadedRun`` from a diffusers pipeline or UNet2DModel directory (module docstring).
+def read_diffusers(path: str | Path, *, scheduler_config: str | Path | None = None):
+    """(model, schedule, TrainConfig, weights file) of a diffusers pipeline or UNet2DModel directory
+    (module docstring); ``ddpm.io.run.load_diffusers`` makes a ``LoadedRun`` of them.
 
     ``scheduler_config`` names the scheduler's JSON explicitly (default: found beside the U-Net).
     """
-    from .checkpoint import item_shape, sample_kwargs
-    from .run import LoadedRun
-    from ..config import DataConfig, SampleConfig, TrainConfig
 
     path = Path(path)
     unet_dir, sched_path = _locate(path)
@@ -262,9 +261,7 @@ def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu", sche
     preview = SampleConfig(sampler="ddim", steps=min(50, diffusion.timesteps)) if ddim else SampleConfig()
     config = TrainConfig(model=c, diffusion=diffusion, sample=preview, name=f"diffusers:{path.name}",
                          data=DataConfig(source=f"unknown (diffusers pipeline {path.name}: pass --data)"))
-    model.to(device).eval().requires_grad_(False)
-    return LoadedRun(model=model, schedule=schedule.to(device), config=config, shape=item_shape(config),
-                     sample_kwargs=sample_kwargs(config), path=weights, step=None)
+    return model, schedule, config, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +322,6 @@ def unet2d_config(c) -> dict:
 def scheduler_config(diffusion, schedule) -> dict:
     """The DDPMScheduler config of a run: its schedule by diffusers' name where that is the same
     formula (checked against the betas in use), else as ``trained_betas``."""
-    from ..core.schedules import make_beta_schedule
 
     d = diffusion
     name = {v: k for k, v in _NAMED.items()}.get(schedule.name)
@@ -343,25 +339,12 @@ def scheduler_config(diffusion, schedule) -> dict:
     }
 
 
-def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> Path:
-    """Write the run (or checkpoint) at ``path`` as a DDPMPipeline directory ``out``.
-
-    ``out`` must not exist or be empty; it is written in a temporary sibling and renamed into
-    place, so a failed export leaves nothing behind. Returns ``out``.
-    """
-    from safetensors.torch import save_file
-
-    from .run import load
-    from ..nets.unet import UNet
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty directory")
-    run = load(path, ema=ema)
-    if not isinstance(run.model, UNet):
-        raise UserError(f"{path}: a {type(run.model).__name__} has no diffusers equivalent (only U-Net runs export)")
-    unet = unet2d_config(run.model.config)
-    scheduler = scheduler_config(run.config.diffusion, run.schedule)
+def write_pipeline(model, diffusion, schedule, out: Path) -> Path:
+    """Write ``model`` (a ``UNet``) with its schedule as a DDPMPipeline directory ``out`` (which must
+    not exist or be empty): written in a temporary sibling and renamed into place, so a failed
+    export leaves nothing behind."""
+    unet = unet2d_config(model.config)
+    scheduler = scheduler_config(diffusion, schedule)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -372,7 +355,7 @@ def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> 
         for file, data in (("model_index.json", index), ("unet/config.json", unet),
                            ("scheduler/scheduler_config.json", scheduler)):
             (tmp / file).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        weights = to_diffusers_state_dict({k: v.detach().cpu() for k, v in run.model.state_dict().items()})
+        weights = to_diffusers_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
         save_file(weights, str(tmp / "unet" / WEIGHT_FILES[0]), metadata={"format": "pt"})
         if out.is_dir():
             out.rmdir()

@@ -15,11 +15,24 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (CKPT_RE, FILES, check_architecture, item_shape, latest_verified_checkpoint,
-                         load_weights_into, read_analytic_variance, read_guide, read_header, read_weights,
-                         sample_kwargs)
-from ..config import TrainConfig, build_model
+from ..config import TrainConfig, build_model, item_shape, sample_kwargs
+from ..core import device as accel
+from ..core.device import autocast
 from ..errors import UserError, first_line
+from ..nets.unet import UNet
+from ..sampling.guidance import guide_kwargs
+from .checkpoint import (
+    CKPT_RE,
+    FILES,
+    check_architecture,
+    latest_verified_checkpoint,
+    load_weights_into,
+    read_analytic_variance,
+    read_guide,
+    read_header,
+    read_weights,
+)
+from .diffusers import is_diffusers_dir, read_diffusers, write_pipeline
 from .files import verify
 
 __all__ = ["load", "LoadedRun", "resolve_weights_path"]
@@ -55,14 +68,12 @@ class LoadedRun:
     def guide_kwargs(self, autoguidance: float | None = None) -> dict:
         """``guide`` and ``autoguidance`` for ``ddpm.sample``: at the run's ``sample.autoguidance``
         by default; empty without a guide or at scale 1 (off)."""
-        from ..sampling.guidance import guide_kwargs
 
         w = self.config.sample.autoguidance if autoguidance is None else autoguidance
         return guide_kwargs(self.guide, w)
 
     def autocast(self):
         """A context manager running the network in ``amp`` on the model's device."""
-        from ..core.device import autocast
 
         param = next(iter(self.model.parameters()), None) if isinstance(self.model, torch.nn.Module) else None
         return autocast(param.device if param is not None else "cpu", self.amp)
@@ -121,7 +132,6 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     device (no memory) before the real one is allocated, so a file whose config does not match
     its tensors fails at once.
     """
-    from .diffusers import is_diffusers_dir, load_diffusers
 
     if is_diffusers_dir(path):
         return _prepared(load_diffusers(path, device=device), device, fast, amp)
@@ -150,7 +160,6 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
 
 def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
     """``load``'s fast defaults: the autocast mode for the device, channels_last where it helps."""
-    from ..core import device as accel
 
     run.amp = accel.resolve_amp(amp or ("auto" if fast else "off"), device)
     if fast and isinstance(run.model, torch.nn.Module) and accel.prefers_channels_last(run.model):
@@ -171,3 +180,30 @@ def _stored_config(weights_path: Path, meta: dict[str, str]) -> TrainConfig:
         return TrainConfig.from_dict(json.loads(config_json))
     except (ValueError, UserError) as exc:
         raise UserError(f"{weights_path}: stored config is invalid: {first_line(exc)}") from None
+
+
+def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu",
+                   scheduler_config: str | Path | None = None) -> LoadedRun:
+    """A ``LoadedRun`` from a diffusers pipeline or UNet2DModel directory (``ddpm.io.diffusers``).
+
+    ``scheduler_config`` names the scheduler's JSON explicitly (default: found beside the U-Net).
+    """
+    model, schedule, config, weights = read_diffusers(path, scheduler_config=scheduler_config)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedRun(model=model, schedule=schedule.to(device), config=config, shape=item_shape(config),
+                     sample_kwargs=sample_kwargs(config), path=weights, step=None)
+
+
+def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> Path:
+    """Write the run (or checkpoint) at ``path`` as a DDPMPipeline directory ``out``.
+
+    ``out`` must not exist or be empty; it is written in a temporary sibling and renamed into
+    place, so a failed export leaves nothing behind. Returns ``out``.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory")
+    run = load(path, ema=ema)
+    if not isinstance(run.model, UNet):
+        raise UserError(f"{path}: a {type(run.model).__name__} has no diffusers equivalent (only U-Net runs export)")
+    return write_pipeline(run.model, run.config.diffusion, run.schedule, out)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet_config import PRESETS, UNetConfig, preset_config  # noqa: F401  (PRESETS moved; imported from here)
+from .convert import convert_diffusers_state_dict, diffusers_state_and_config
+from .unet_config import UNetConfig, preset_config
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +278,6 @@ class UNet(nn.Module):
         Options of diffusers that this network does not implement raise ValueError, and so do
         missing, unexpected or mis-shaped weights.
         """
-        from .convert import convert_diffusers_state_dict, diffusers_state_and_config
 
         sd, inferred = diffusers_state_and_config(model_or_state_dict, image_size)
         model = cls(config if config is not None else inferred)

@@ -31,6 +31,8 @@ import math
 import os
 import time
 
+import torch
+
 from ..errors import UserError
 
 __all__ = ["CpuThreads", "TimeBudget", "lr_at", "progress", "step_progress"]
@@ -109,7 +111,6 @@ class CpuThreads:
 
     def __init__(self, cores: int | None = None, *, busy_seconds=_busy_seconds, own_seconds=time.process_time,
                  clock=time.monotonic, get_threads=None, set_threads=None):
-        import torch
 
         self.cores = cores or len(os.sched_getaffinity(0))
         self._busy, self._own, self._clock = busy_seconds, own_seconds, clock

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from ..io.checkpoint import item_shape
-from ..config import TrainConfig
+from ..config import TrainConfig, item_shape
+from ..data.sources import open_data as open_configured
+from ..data.sources import require_labels
 from ..errors import UserError
 
 
 def open_data(config: TrainConfig):
-    from ..data.sources import open_data as open_configured
 
     dataset = open_configured(config.data)  # every DataConfig field (incl. hf: image/label columns)
     want = item_shape(config)
@@ -22,7 +22,6 @@ def open_data(config: TrainConfig):
                         f"expects {want}; set data.image_size/data.channels or the model's size")
     num_classes = getattr(config.model, "num_classes", None)
     if num_classes is not None:
-        from ..data.sources import require_labels
 
         found = require_labels(dataset, "a class-conditional run (model.num_classes)")
         if found != num_classes:

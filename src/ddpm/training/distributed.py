@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..io.checkpoint import latest_verified_checkpoint
 from ..config import TrainConfig
 from ..errors import UserError
+from ..io.checkpoint import latest_verified_checkpoint
 
 
 def init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:

@@ -23,6 +23,7 @@ import threading
 
 import torch
 
+from ..config import item_shape
 from ..errors import UserError, first_line
 from ..io.files import RESOURCE_ERRNOS
 
@@ -78,7 +79,6 @@ def available_memory(device: torch.device) -> int | None:
 
 def check_memory(config, device: torch.device) -> None:
     """Refuse a global batch whose float32 noise alone (drawn whole each step) cannot fit."""
-    from ..io.checkpoint import item_shape
 
     shape = item_shape(config)
     numel = math.prod(shape)

@@ -62,21 +62,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import TrainConfig, build_model, item_shape
 from ..core import device as accel
+from ..core.diffusion import training_loss
+from ..data.loader import IndexStream, Prefetcher
+from ..errors import UserError
+from ..evaluation.evaluate import periodic_eval
+from ..io.checkpoint import latest_checkpoint, list_checkpoints, read_guide, restore_training_state, save_checkpoint
+from ..io.files import RunLock, atomic_write_text, sweep_temporaries
 from . import guards
 from .budget import CpuThreads, TimeBudget, lr_at, progress
-from ..io.checkpoint import (item_shape, latest_checkpoint, list_checkpoints, read_guide, restore_training_state,
-                         save_checkpoint)
-from ..config import TrainConfig, build_model
-from ..core.diffusion import training_loss
+from .data import get_batch, open_data, with_class_names
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
-from ..errors import UserError
-from ..data.loader import IndexStream, Prefetcher
 from .previews import preview_kwargs, save_preview
-from ..io.files import RunLock, atomic_write_text, sweep_temporaries
 from .runlog import RunLog
 from .timestep_sampling import LossAwareTimestepSampler, record_vlb_losses
-from .data import get_batch, open_data, with_class_names
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "IndexStream"]
 
@@ -413,7 +413,6 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
     if final or (c.ckpt_every and step % c.ckpt_every == 0 and not r.nonfinite_run.item()):
         _checkpoint(r)
     if r.rank == 0 and r.config.eval.every and step % r.config.eval.every == 0:
-        from ..evaluation.evaluate import periodic_eval
 
         periodic_eval(r.ema, r.schedule, r.config.eval, step=step, run_dir=r.run_dir, shape=item_shape(r.config),
                       sample_kwargs=preview_kwargs(r.config), data=r.dataset, device=r.device)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import TrainConfig, item_shape, sample_kwargs
 from ..core import device as accel
-from ..io.checkpoint import item_shape, sample_kwargs
-from ..config import TrainConfig
+from ..evaluation import viz
 from ..sampling.guidance import guide_kwargs
+from ..sampling.samplers import sample
 
 
 def preview_kwargs(config: TrainConfig) -> dict:
@@ -28,8 +29,6 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
     """A grid (images) or scatter plot (2-D points) of ``config.sample`` samples from ``model``,
     seeded by ``train.seed``, so that previews of successive steps show the same noise; autoguided
     by ``guide`` (``train.guide_at``) with ``sample.autoguidance`` once the run has kept one."""
-    from ..evaluation import viz
-    from ..sampling.samplers import sample
 
     s, shape = config.sample, item_shape(config)
     n = s.num if len(shape) == 1 else min(s.num, 64)

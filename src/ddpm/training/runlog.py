@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..io.files import atomic_write_text
 
@@ -36,7 +37,6 @@ class RunLog:
 
     def __init__(self, run_dir: Path, *, rank: int, world: int, step: int, steps: int, progress: bool,
                  device: torch.device, stack: contextlib.ExitStack, time_fraction: float = 0.0):
-        from tqdm import tqdm
 
         self.world, self.file, self.tb = world, None, None
         if rank == 0:
