@@ -243,8 +243,36 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """What a distilled run (``ddpm distill``, ``ddpm.training.distill``) was distilled from and for:
+    it samples with exactly ``steps`` deterministic DDIM steps on the ``spacing`` grid, no others.
+
+    ``teacher`` is the teacher's run directory, ``teacher_checkpoint`` the weights file used (its
+    ``teacher_step``), sampled on a ``teacher_steps`` grid with the guidance baked in
+    (``teacher_guidance``, ``teacher_autoguidance``); ``iters_per_round`` iterations per halving.
+    """
+
+    teacher: str
+    teacher_checkpoint: str
+    teacher_steps: int
+    steps: int
+    iters_per_round: int
+    teacher_step: Optional[int] = None
+    teacher_guidance: float = 1.0
+    teacher_autoguidance: float = 1.0
+    spacing: Literal["trailing"] = "trailing"
+    parametrisation: Literal["v"] = "v"
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(1 <= self.steps < self.teacher_steps, f"distill.steps must lie in 1..teacher_steps - 1, got {self.steps}")
+        _require(self.iters_per_round >= 1, f"distill.iters_per_round must be >= 1, got {self.iters_per_round}")
+
+
+@dataclass
 class TrainConfig:
-    """Everything a run needs; ``model`` is a ``UNetConfig`` or an ``MLPConfig``."""
+    """Everything a run needs; ``model`` is a ``UNetConfig`` or an ``MLPConfig``; ``distill`` is set
+    for a distilled run only (None otherwise, and then left out of ``to_dict``)."""
 
     model: Any
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -254,6 +282,7 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
+    distill: Optional[DistillConfig] = None
 
     def __post_init__(self):
         # The network's variance channels and the variance that reads them go together (eq. 15).
@@ -269,6 +298,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["model"] = {"type": model_type(self.model), **dataclasses.asdict(self.model)}
+        if self.distill is None:  # the configs of runs that were not distilled stay as they were
+            del out["distill"]
         return out
 
     def to_json(self) -> str:
@@ -364,6 +395,8 @@ def _build(cls, d: Any, path: str):
     kwargs = {}
     for key, value in d.items():
         hint = hints.get(key)
+        if typing.get_origin(hint) is Union and isinstance(value, dict):  # Optional[SomeConfig]
+            hint = next((h for h in typing.get_args(hint) if dataclasses.is_dataclass(h)), hint)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _build(hint, value, f"{path}{key}.")
         elif isinstance(value, list):
@@ -439,6 +472,10 @@ def item_shape(config: TrainConfig) -> tuple[int, ...]:
 
 
 def sample_kwargs(config: TrainConfig) -> dict:
-    """The run's prediction, variance and clipping, as every sampler takes them."""
+    """The run's prediction, variance and clipping, as every sampler takes them; a distilled run's
+    grid spacing too."""
     d = config.diffusion
-    return {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised}
+    kwargs = {"prediction": d.prediction, "variance": d.variance, "clip_denoised": d.clip_denoised}
+    if config.distill is not None:
+        kwargs["spacing"] = config.distill.spacing
+    return kwargs

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import device as accel
+from ..errors import UserError
 from .samplers import _mix64, _srl, default_steps, per_sample_seeds, sample
 
 
@@ -41,6 +42,10 @@ def sampler_settings(run, sampler: str | None = None, steps: int | None = None,
         steps = preview.steps if same and preview.steps is not None else default_steps(sampler, run.schedule.num_timesteps)
     if eta is None:
         eta = preview.eta if same else 0.0
+    distilled = getattr(run.config, "distill", None)
+    if distilled is not None and (sampler, int(steps), float(eta)) != ("ddim", distilled.steps, 0.0):
+        raise UserError(f"{run.path} is distilled for {distilled.steps} deterministic DDIM steps (its default), not "
+                        f"{sampler} with {steps} steps and eta {eta:g}: distil the teacher again for another count")
     return SamplerSettings(sampler, int(steps), float(eta))
 
 
