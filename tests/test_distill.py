@@ -8,6 +8,8 @@ negative control: what the distillation buys).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -52,3 +54,75 @@ def test_oracle_student_in_four_steps_matches_the_mixture():
     plain = ddpm.sample(teacher, schedule, (N, 2), sampler="ddim", steps=4, spacing="trailing", generator=1)
     assert energy_distance(x, fresh) < bar
     assert energy_distance(plain, fresh) > 10 * bar  # negative control: 4 plain DDIM steps of the exact teacher
+
+
+# -- runs: ddpm.training.distill_run -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    config = ddpm.get_preset("toy2d").override(**{
+        "train.steps": 20, "train.progress": False, "train.sample_every": 0, "train.ckpt_every": 0,
+        "train.batch_size": 64, "model.hidden": 32, "model.depth": 1, "sample.num": 16, "sample.steps": 5})
+    return ddpm.train(config, out=tmp_path_factory.mktemp("distill") / "teacher")
+
+
+def _distil(teacher, out, **kw):
+    from ddpm.training.distill_run import distill_run
+
+    return distill_run(teacher, steps=2, teacher_steps=8, iters_per_round=6, batch_size=32, out=out, progress=False,
+                       log_every=2, **kw)
+
+
+def _weights(run_dir):
+    return ddpm.load(run_dir).model.state_dict()
+
+
+def test_distilled_run_samples_its_grid_only(teacher_run, tmp_path):
+    out = _distil(teacher_run, tmp_path / "student")
+    run = ddpm.load(out)
+    d = run.config.distill
+    assert (d.steps, d.teacher_steps, d.spacing, d.parametrisation) == (2, 8, "trailing", "v")
+    assert d.teacher == str(teacher_run.resolve()) and d.teacher_checkpoint.endswith("ema.safetensors")
+    assert run.sample_kwargs == {"prediction": "v", "variance": "fixed_small", "clip_denoised": False,
+                                 "spacing": "trailing"}
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["final.png", "round-1-4steps.png",
+                                                                    "round-2-2steps.png"]
+    from ddpm.sampling.batches import sampler_settings
+
+    assert sampler_settings(run) == sampler_settings(run, "ddim", 2, 0.0)
+    with pytest.raises(UserError, match="distilled for 2 deterministic DDIM steps"):
+        sampler_settings(run, "ddim", 4)
+    # a distilled teacher: fewer steps only, on its own grid
+    from ddpm.training.distill_run import distill_run
+
+    for kw, match in ((dict(steps=2), "distilled for 2 steps: it can be distilled to fewer"),
+                      (dict(steps=1, teacher_steps=8), "its grid is that one, not --teacher-steps 8")):
+        with pytest.raises(UserError, match=match):
+            distill_run(out, out=tmp_path / "again", progress=False, **kw)
+    assert not (tmp_path / "again").exists()
+    once_more = distill_run(out, steps=1, out=tmp_path / "one", iters_per_round=2, progress=False)
+    assert ddpm.load(once_more).config.distill.teacher_steps == 2
+
+
+@pytest.mark.parametrize("stop_at", [5, 9])  # inside round 1 (teacher: the run), inside round 2 (the round-1 student)
+def test_resumed_distillation_is_bit_identical(teacher_run, tmp_path, stop_at):
+    straight = _distil(teacher_run, tmp_path / "straight")
+    _distil(teacher_run, tmp_path / "resumed", stop_at=stop_at)
+    assert (tmp_path / "resumed" / f"ckpt-{stop_at:07d}").is_dir()
+    _distil(teacher_run, tmp_path / "resumed", resume=True)
+    a, b = _weights(straight), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_bad_requests_write_nothing(teacher_run, tmp_path):
+    out = tmp_path / "never"
+    for kw, match in ((dict(steps=3, teacher_steps=8), "halved"), (dict(steps=2, teacher_steps=2000), "does not fit")):
+        from ddpm.training.distill_run import distill_run
+
+        with pytest.raises(UserError, match=match):
+            distill_run(teacher_run, out=out, progress=False, **kw)
+    with pytest.raises(UserError, match="not a run directory"):
+        _distil(tmp_path, out)
+    assert not out.exists()
