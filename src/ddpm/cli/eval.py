@@ -1,58 +1,97 @@
-"""``ddpm eval fid|nll|toy`` and ``ddpm analytic``: the commands over ``ddpm.evaluation.evaluate``,
-``ddpm.core.nll`` and ``ddpm.core.analytic``, and ``--variance`` (``apply_variance``, also ``ddpm sample``'s).
+"""``ddpm eval fid|nll|toy``: their options and the commands over ``ddpm.evaluation.evaluate``
+and ``ddpm.core.nll``.
 
-Their options are defined in ``ddpm.cli.main`` with every other command's (one parser; the sampling
-options are shared with ``ddpm sample``). User mistakes raise ``UserError`` (the CLI prints
-``ddpm: error: ...`` and exits 2); every eval command prints a summary line and writes a JSON
-report (path printed) next to the run or the sample file.
+The sampling options of ``fid`` and ``toy`` are ``ddpm sample``'s (``options.add_sampling_args``).
+Every eval command prints a summary line and writes a JSON report (path printed) next to the run
+or the sample file.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .commands import load_run, resolve_device
+from .common import apply_variance, data_spec, load_run, resolve_device, sampling_conditioning
+from .options import add_model_args, add_sampling_args, add_variance_arg, positive, show_help
 from ..errors import UserError
 
+# the example lines of each command, shown by it and all together by `ddpm eval --help`
+FID_EXAMPLES = """\
+  ddpm eval fid runs/c10 --ref cifar10-train --ref-data ~/data/cifar10 --num 50000 --sampler ddpm
+  ddpm eval fid samples.npz --ref stats.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
+"""
+NLL_EXAMPLES = """\
+  ddpm eval nll runs/c10 --data cifar10:~/data/cifar10 --split test                  # all T terms
+  ddpm eval nll runs/c10 --data cifar10:~/data/cifar10 --split test --timesteps 100  # stratified, ~10x cheaper
+"""
+TOY_EXAMPLES = """\
+  ddpm eval toy runs/moons --num 2000
+  ddpm eval toy runs/moons --sampler ddpm                                             # all T steps
+"""
 
-class PredictionChannels(torch.nn.Module):
-    """The prediction (the first C of 2C output channels, ../shared/DESIGN.md) of a network with
-    learned variances: its mean alone, to sample or bound with a fixed or analytic variance."""
 
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.num_classes = getattr(net, "num_classes", None)  # conditional networks stay conditional
+def add_parser(subparsers, formatter_class) -> None:
+    """``ddpm eval`` and its subcommands fid, nll and toy."""
+    fmt = formatter_class
+    e = subparsers.add_parser("eval", help="FID, NLL in bits/dim, toy metrics", formatter_class=fmt,
+                              epilog="examples:\n" + FID_EXAMPLES + NLL_EXAMPLES + TOY_EXAMPLES,
+                              description="Evaluate runs and samples; each command prints a summary and writes a "
+                              "JSON report.")
+    e.set_defaults(func=lambda args: show_help(e))
+    sub = e.add_subparsers(dest="metric", metavar="{fid,nll,toy}")
+    report = "report path (.json); default: RUN/eval/... or next to the samples"
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *labels) -> torch.Tensor:
-        return self.net(x, t, *labels)[:, : x.shape[1]]
+    p = sub.add_parser("fid", help="FID (+ IS, KID) against a reference set", formatter_class=fmt,
+                       epilog="examples:\n" + FID_EXAMPLES,
+                       description="FID, Inception Score and KID of samples drawn from a run, an npz or an image folder.")
+    p.set_defaults(func=cmd_fid)
+    p.add_argument("source", help="RUN_DIR or checkpoint (samples are drawn), samples .npz (images uint8 NHWC), or image DIR")
+    p.add_argument("--ref", required=True, help="cifar10-train, cifar10-test, stats .npz (mu, sigma), images .npz, or image DIR")
+    p.add_argument("--ref-data", default=None, help="CIFAR-10 folder for --ref cifar10-* (default: $DDPM_CIFAR10_DIR)")
+    p.add_argument("--ref-num", type=positive, default=None, help="use the first N reference images (default: all)")
+    p.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: $DDPM_INCEPTION_WEIGHTS, torch.hub cache, or download)")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default: $DDPM_CACHE_DIR/fid or ~/.cache/ddpm/fid)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
+    p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
+    p.add_argument("--no-kid", action="store_true", help="skip KID")
+    p.add_argument("--no-save-samples", action="store_true", help="do not keep drawn samples as RUN_DIR/eval/*.npz")
+    p.add_argument("--out", default=None, help=report)
+    add_sampling_args(p, num_default=None, num_help="samples to draw from a run (default: 50,000) "
+                       "or to take from an npz/folder (default: all)")
+    # --batch-size (of the shared sampling options) sets the batch of both networks; these set one each.
+    p.add_argument("--sample-batch-size", type=positive, default=None,
+                   help="sampling batch alone (default: --batch-size)")
+    p.add_argument("--inception-batch-size", type=positive, default=None,
+                   help="Inception batch alone (default: --batch-size)")
 
+    p = sub.add_parser("nll", help="variational bound in bits/dim (eq. 5)", formatter_class=fmt,
+                       epilog="examples:\n" + NLL_EXAMPLES,
+                       description="The variational bound L (eq. 5) of data under a run, in bits/dim.")
+    p.set_defaults(func=cmd_nll)
+    p.add_argument("run", help="RUN_DIR or checkpoint")
+    p.add_argument("--data", default=None, help="data source spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="MNIST/CIFAR-10 split (default: test, as the paper)")
+    p.add_argument("--num", type=positive, default=None, help="evaluate the first N items (default: all)")
+    p.add_argument("--timesteps", default="all", help="'all' (T model calls per item) or K stratified timesteps")
+    p.add_argument("--batch-size", type=positive, default=128, help="data items per network batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps of the estimate")
+    add_variance_arg(p)
+    p.add_argument("--clip-denoised", action="store_true", help="clip x0 predictions to [-1, 1] in the model mean")
+    p.add_argument("--out", default=None, help=report)
+    add_model_args(p)
 
-def apply_variance(run, variance: str | None, *, used: bool = True) -> None:
-    """--variance: sample and bound ``run`` with this reverse variance (None: the run's own), set in
-    ``run.sample_kwargs``. ``used``: whether the sampler reads it (ddim and dpm++2m do not, and need
-    no analytic table). A one-line UserError when the run cannot provide the variance."""
-    from ..io.checkpoint import read_analytic_variance
-    from ..evaluation.evaluate import run_dir_of
-
-    kwargs = run.sample_kwargs
-    variance = variance or kwargs["variance"]
-    learned = bool(getattr(run.config.model, "learn_sigma", False))
-    if variance == "learned_range" and not learned:
-        raise UserError("variance 'learned_range' needs a network that outputs variances (ddpm train --learn-sigma); "
-                        "this run's does not: use fixed_small, fixed_large or analytic")
-    if learned and variance != "learned_range" and not isinstance(run.model, PredictionChannels):
-        run.model = PredictionChannels(run.model)
-    if variance == "analytic" and used and "analytic" not in kwargs:
-        _, why = read_analytic_variance(run.path, run.schedule.num_timesteps)
-        raise UserError(f"variance 'analytic' needs Gamma_t estimated for these weights ({why}); make it with: "
-                        f"ddpm analytic {run_dir_of(run)}")
-    kwargs["variance"] = variance
+    p = sub.add_parser("toy", help="energy distance / MMD / log-likelihood for 2-D toy runs", formatter_class=fmt,
+                       epilog="examples:\n" + TOY_EXAMPLES,
+                       description="Two-sample statistics of a 2-D toy run's samples against its data.")
+    p.set_defaults(func=cmd_toy)
+    p.add_argument("run", help="RUN_DIR or checkpoint")
+    p.add_argument("--data", default=None, help="toy:NAME (default: the run's training data)")
+    p.add_argument("--out", default=None, help=report)
+    add_sampling_args(p, num_default=2000, num_help="samples to draw")
+    p.add_argument("--sample-batch-size", dest="batch_size", type=positive, default=argparse.SUPPRESS,
+                   help="older spelling of --batch-size")
 
 
 def _slug(text: str) -> str:
@@ -68,7 +107,6 @@ def _draw(run, device, num: int, args, batch_size: int):
     """Samples of a run with the shared sampling options, and the settings and conditioning (labels
     and guidance of a class-conditional run: uniform labels unless --class) a report records."""
     from ..sampling.batches import sample_batches, sampler_settings
-    from .steer import sampling_conditioning
 
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
@@ -80,7 +118,7 @@ def _draw(run, device, num: int, args, batch_size: int):
 
 
 def _cond_tag(args, cond) -> str:
-    # report names of unconditional, unguided runs stay as they were
+    # unconditional runs sampled without autoguidance: no tag in the report's name
     auto = f"-ag{cond.autoguidance:g}" if cond.autoguidance != 1 else ""
     return auto if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}{auto}"
 
@@ -93,7 +131,7 @@ def _cond_fields(args, cond) -> dict:
 
 
 def _variance_tag(args) -> str:
-    # report names stay as they were unless --variance chose another than the run's
+    # a tag in the report's name only when --variance chose the variance
     return f"-{args.variance}" if args.variance else ""
 
 
@@ -105,6 +143,8 @@ def _run_fields(args, path: str, run, settings) -> dict:
 
 
 def cmd_fid(args) -> int:
+    import numpy as np
+
     from ..evaluation import fid as _fid
     from ..evaluation.evaluate import check_reference, compute_fid, is_run, run_dir_of, write_report
     from ..evaluation.viz import to_uint8
@@ -158,31 +198,20 @@ def cmd_fid(args) -> int:
     return 0
 
 
-def _data_spec(args, run) -> str:
-    from ..evaluation.evaluate import run_data_spec
-
-    spec = args.data or run_data_spec(run)
-    if not spec:
-        raise UserError("the run does not name its data; pass --data SOURCE")
-    return spec
-
-
 def cmd_nll(args) -> int:
     import torch
 
-    from ..data.sources import open_source
-    from ..evaluation.evaluate import run_dir_of, write_report
     from ..core.nll import nll_bpd
+    from ..data.sources import check_toy, open_source, toy_sample
+    from ..evaluation.evaluate import run_dir_of, write_report
 
     if args.timesteps != "all" and not args.timesteps.isdigit():
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
     run, device = load_run(args.run, args)
     apply_variance(run, args.variance)
-    spec = _data_spec(args, run)
+    spec = data_spec(args, run)
     shape = tuple(run.shape)
     if spec.startswith("toy:"):
-        from ..data.sources import check_toy, toy_sample
-
         check_toy(spec[4:])
         data = toy_sample(spec[4:], args.num or 10_000, torch.Generator().manual_seed(args.seed))
         decoder = "continuous"
@@ -217,7 +246,7 @@ def cmd_toy(args) -> int:
     from ..evaluation.evaluate import run_dir_of, toy_metrics, write_report
 
     run, device = load_run(args.run, args)
-    spec = _data_spec(args, run)
+    spec = data_spec(args, run)
     if not spec.startswith("toy:"):
         raise UserError(f"ddpm eval toy needs a toy run or --data toy:NAME; this run's data is {spec!r}")
     check_toy(spec[4:])
@@ -232,33 +261,4 @@ def cmd_toy(args) -> int:
     if "log_likelihood" in report:
         line += f", mean log p {report['log_likelihood']['mean']:.3f} (truth {base['log_likelihood']['mean']:.3f})"
     _print_report(path, line)
-    return 0
-
-
-def cmd_analytic(args) -> int:
-    """Estimate Gamma_t (Bao et al. 2022, Theorem 1) for a run's weights on its training data and
-    save RUN/analytic.json, which ``ddpm.load`` attaches to those weights (``variance="analytic"``)."""
-    from ..core.analytic import analytic_variance
-    from ..io.checkpoint import CKPT_RE, write_analytic_variance
-    from ..data.sources import open_source
-
-    run, device = load_run(args.run, args)
-    if not CKPT_RE.match(Path(run.path).parent.name):  # before minutes of network calls
-        raise UserError(f"{args.run}: analytic variances are saved in a run directory (RUN/ckpt-NNNNNNN/); "
-                        f"{run.path} is not in one")
-    spec = _data_spec(args, run)
-    cfg = run.config.data
-    # Gamma_t is an expectation over q(x0): the training data, on the scale the model was trained on.
-    data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels)
-    if tuple(data.shape) != tuple(run.shape):
-        raise UserError(f"data {spec!r} has items of shape {tuple(data.shape)}, the model takes {tuple(run.shape)}")
-    learned = bool(getattr(run.config.model, "learn_sigma", False))
-    analytic = analytic_variance(PredictionChannels(run.model) if learned else run.model, run.schedule, data,
-                                 num=args.num, batch_size=args.batch_size, prediction=run.sample_kwargs["prediction"],
-                                 data_range=None if spec.startswith("toy:") else (-1.0, 1.0),
-                                 generator=torch.Generator().manual_seed(args.seed), device=device,
-                                 progress=sys.stderr.isatty() if args.progress is None else args.progress)
-    path = write_analytic_variance(run.path, analytic)
-    print(f"ddpm: wrote {path}: Gamma_t at all {analytic.num_timesteps} timesteps for {run.path}, from "
-          f"{analytic.num_examples} examples of {spec}; use it with --variance analytic (ddpm sample, ddpm eval nll)")
     return 0

@@ -1,6 +1,7 @@
 """Option types and option groups that several ``ddpm`` commands share, defined once so that the
-same flag means the same thing with the same default wherever it appears (``ddpm.cli.main`` builds
-the one parser from them).
+same flag means the same thing with the same default wherever it appears (each command's
+``add_parser`` builds its options from them), and ``show_help`` for a command given without its
+subcommand.
 """
 
 from __future__ import annotations
@@ -99,3 +100,9 @@ def add_variance_arg(p: argparse.ArgumentParser) -> None:
                    help="reverse variance sigma_t^2 of ancestral sampling and the bound (default: the run's): "
                    "fixed_small (beta~), fixed_large (beta), learned_range (a --learn-sigma run), analytic "
                    "(after `ddpm analytic RUN`)")
+
+
+def show_help(parser: argparse.ArgumentParser) -> int:
+    """A command without its subcommand (bare ``ddpm``, ``ddpm eval``) shows what there is: exit 2."""
+    parser.print_help()
+    return 2

@@ -1,28 +1,99 @@
-"""Steering on the command line: class labels and guidance for ``ddpm sample`` and ``ddpm eval``,
-and the ``ddpm inpaint`` and ``ddpm interpolate`` commands over ``ddpm.inpaint`` and
-``ddpm.interpolate``.
+"""What the ``ddpm`` commands share once they run: loading a run (``load_run``, ``resolve_device``),
+its reverse variance (``apply_variance``), class labels and guidance (``sampling_conditioning``,
+``editing_conditioning``) and images of the run's shape (``read_run_image``, ``open_image_run``).
 
-Their options are defined in ``ddpm.cli.main`` with every other command's (one parser). Conventions:
+The library and torch are imported inside the functions, so that building the parser stays light.
+Conventions of the steering options:
 
 - ``--class`` takes a class index 0..K-1 or a class name of the run (``run.class_names``; a name
   wins over an index when both match), and for ``sample``/``eval`` also ``all``: one row per class.
   Without it, ``sample`` and ``eval`` draw each sample's label uniformly from its own seed
-  (``batch_sampling.uniform_labels``), while ``inpaint`` and ``interpolate`` use the null label
-  (unconditional: the given pixels are the condition).
+  (``ddpm.sampling.batches.uniform_labels``), while ``inpaint`` and ``interpolate`` use the null
+  label (unconditional: the given pixels are the condition).
 - ``--guidance`` defaults to the run's ``sample.guidance`` (its previews' scale).
 - Images for ``inpaint``/``interpolate`` are PNG/JPEG files of exactly the run's size and number of
   channels (1 grey, 3 RGB, 4 RGBA); anything else is a one-line error rather than a silent resize.
+
+User mistakes raise ``UserError``; ``ddpm.cli.main`` prints ``ddpm: error: <one line>`` and exits 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+# -- loading a run ----------------------------------------------------------------------------
+
+def resolve_device(name: str) -> str:
+    """--device: auto -> cuda when available, else cpu; CUDA asked for but absent is a user error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available")
+    return name
+
+
+def load_run(path: str, args):
+    """(LoadedRun, device) for the run, checkpoint or weights file ``path`` and the --device/--no-ema
+    options. Commands with --amp get the run prepared for it (``ddpm.load``'s fast defaults), say
+    which mode they sample in (stdout, with the other status lines; stderr keeps errors one line),
+    and find the resolved mode in ``args.amp`` (reports record it)."""
+    from ..core.device import describe_amp
+    from ..io.run import load
+
+    device = resolve_device(args.device)
+    requested = getattr(args, "amp", None)
+    run = load(path, ema=not args.no_ema, device=device, amp=requested or "off")
+    if requested is not None:
+        args.amp = run.amp
+        print(f"ddpm: sampling on {device} in {describe_amp(run.amp, requested)}", flush=True)
+    return run, device
+
+
+def data_spec(args, run) -> str:
+    """--data, else the data source the run was trained on (a one-line error if it names none)."""
+    from ..evaluation.evaluate import run_data_spec
+
+    spec = args.data or run_data_spec(run)
+    if not spec:
+        raise UserError("the run does not name its data; pass --data SOURCE")
+    return spec
+
+
+def apply_variance(run, variance: str | None, *, used: bool = True) -> None:
+    """--variance: sample and bound ``run`` with this reverse variance (None: the run's own), set in
+    ``run.sample_kwargs``. ``used``: whether the sampler reads it (ddim and dpm++2m do not, and need
+    no analytic table). A one-line UserError when the run cannot provide the variance."""
+    from ..evaluation.evaluate import run_dir_of
+    from ..io.checkpoint import read_analytic_variance
+    from ..nets.wrappers import PredictionChannels
+
+    kwargs = run.sample_kwargs
+    variance = variance or kwargs["variance"]
+    learned = bool(getattr(run.config.model, "learn_sigma", False))
+    if variance == "learned_range" and not learned:
+        raise UserError("variance 'learned_range' needs a network that outputs variances (ddpm train --learn-sigma); "
+                        "this run's does not: use fixed_small, fixed_large or analytic")
+    if learned and variance != "learned_range" and not isinstance(run.model, PredictionChannels):
+        run.model = PredictionChannels(run.model)
+    if variance == "analytic" and used and "analytic" not in kwargs:
+        _, why = read_analytic_variance(run.path, run.schedule.num_timesteps)
+        raise UserError(f"variance 'analytic' needs Gamma_t estimated for these weights ({why}); make it with: "
+                        f"ddpm analytic {run_dir_of(run)}")
+    kwargs["variance"] = variance
 
 
 # -- class labels and guidance ----------------------------------------------------------------
@@ -98,6 +169,8 @@ def sampling_conditioning(run, args, num: int) -> Conditioning:
     """Labels, guidance and autoguidance of ``ddpm sample``/``ddpm eval`` from --class, --guidance,
     --per-class and --autoguidance: label i is a function of (seed, i) alone, so sample i depends
     only on its seed and label."""
+    import torch
+
     from ..sampling.batches import uniform_labels
 
     per_class, auto = getattr(args, "per_class", None), _autoguidance(run, args)
@@ -128,15 +201,37 @@ def editing_conditioning(run, args) -> tuple[int | None, float]:
     return class_label(run, args.cls), _guidance(run, args)
 
 
+def label_text(run, label: int | None, guidance: float) -> str:
+    """", class 3 (cat), guidance 2" for the summary line of an edit ("" with the null label)."""
+    if label is None:
+        return ""
+    name = run.class_names[label]
+    return f", class {label}{'' if name == str(label) else f' ({name})'}, guidance {guidance:g}"
+
+
 # -- images of the run's shape ----------------------------------------------------------------
 
 _BANDS = {1: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}
 
 
-def read_run_image(path: str, run, flag: str) -> torch.Tensor:
-    """The image at ``path`` as (C, H, W) in [-1, 1] (x / 127.5 - 1, inverted exactly by
+def open_image_run(args, command: str):
+    """(out path, LoadedRun, device) for a command that writes a PNG from an image run."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must end in .png, got {out.name!r}")
+    run, device = load_run(args.path, args)
+    if len(run.shape) != 3:
+        raise UserError(f"ddpm {command} needs an image run; {run.path} makes points of shape {run.shape}")
+    return out, run, device
+
+
+def read_run_image(path: str, run, flag: str):
+    """The image at ``path`` as a (C, H, W) tensor in [-1, 1] (x / 127.5 - 1, inverted exactly by
     ``viz.to_uint8``), refusing any size or channel count other than the run's."""
-    from ..data.sources import _to_unit_range, read_image
+    import numpy as np
+    import torch
+
+    from ..data.images import read_image, to_unit_range
 
     image = read_image(Path(path))  # a missing or unreadable file is a one-line UserError
     if image.mode == "P":  # palette PNGs: their colours (and transparency) are what they show
@@ -151,91 +246,12 @@ def read_run_image(path: str, run, flag: str) -> torch.Tensor:
     if image.size != (W, H):
         raise UserError(f"{flag} {path} is {image.size[0]}x{image.size[1]} (WxH) but the run makes {W}x{H} images")
     pixels = np.asarray(image, dtype=np.uint8).reshape(H, W, C).transpose(2, 0, 1)
-    return _to_unit_range(torch.from_numpy(pixels.copy()))
+    return to_unit_range(torch.from_numpy(pixels.copy()))
 
 
-def read_mask(path: str, size_hw: tuple[int, int]) -> torch.Tensor:
-    """The mask at ``path`` as a bool (1, H, W), True where pixels are to be generated (white:
-    grey level >= 128 in any mode)."""
-    from ..data.sources import read_image
-
-    image = read_image(Path(path))
-    if image.size != (size_hw[1], size_hw[0]):
-        raise UserError(f"--mask {path} is {image.size[0]}x{image.size[1]} (WxH) but the image is "
-                        f"{size_hw[1]}x{size_hw[0]}: mask size differs from image")
-    grey = np.asarray(image.convert("L"), dtype=np.uint8)
-    return torch.from_numpy(grey >= 128)[None]
-
-
-def _model_options(run) -> dict:
+def model_options(run) -> dict:
     """The run's prediction, clipping and ancestral variance, as its previews use them (an analytic
-    variance needs a table per grid that these commands do not build: fixed_small instead)."""
+    variance needs a table per grid that the editing commands do not build: fixed_small instead)."""
     from ..training.previews import preview_kwargs
 
     return preview_kwargs(run.config)
-
-
-# -- the commands -----------------------------------------------------------------------------
-
-def _open_image_run(args, command: str):
-    """(out path, LoadedRun, device) for a command that writes a PNG from an image run."""
-    from .commands import load_run
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {out.name!r}")
-    run, device = load_run(args.path, args)
-    if len(run.shape) != 3:
-        raise UserError(f"ddpm {command} needs an image run; {run.path} makes points of shape {run.shape}")
-    return out, run, device
-
-
-def cmd_inpaint(args) -> int:
-    from ..sampling.batches import sampler_settings
-    from ..sampling.inpainting import inpaint
-    from ..sampling.samplers import per_sample_seeds
-    from ..evaluation.viz import save_grid
-
-    out, run, device = _open_image_run(args, "inpaint")
-    known = read_run_image(args.image, run, "--image")
-    generate = read_mask(args.mask, known.shape[1:])
-    label, guidance = editing_conditioning(run, args)
-    # Ancestral steps: the run's preview steps when it previews with ddpm, else all T.
-    steps = sampler_settings(run, "ddpm", args.steps).steps
-    batch = known.expand(args.num, *known.shape).to(device)
-    x = inpaint(run.model, run.schedule, batch, (~generate).to(device), resample=args.resample, jump=args.jump,
-                steps=steps, labels=label, guidance=guidance, generator=per_sample_seeds(args.seed, args.num, device=device),
-                progress=bool(args.progress), **_model_options(run))
-    # One completion is written as an image of the input's size (no border), several side by side.
-    save_grid(x.float().cpu(), out, nrow=args.num, padding=0 if args.num == 1 else 2)
-    kept = int((~generate).sum())
-    print(f"ddpm: wrote {args.num} inpainting{'s' * (args.num > 1)} ({kept} of {generate.numel()} pixels kept, "
-          f"{steps} steps, resample {args.resample}, jump {args.jump}{_label_text(run, label, guidance)}) to {out}")
-    return 0
-
-
-def cmd_interpolate(args) -> int:
-    from ..sampling.interpolation import interpolate
-    from ..evaluation.viz import save_grid
-
-    out, run, device = _open_image_run(args, "interpolate")
-    x_a = read_run_image(args.a, run, "image A").to(device)
-    x_b = read_run_image(args.b, run, "image B").to(device)
-    label, guidance = editing_conditioning(run, args)
-    if args.method == "slerp" and args.t is not None:
-        raise UserError("--t is the noising timestep of --method noised; slerp inverts to x_T")
-    frames = interpolate(run.model, run.schedule, x_a, x_b, frames=args.frames, method=args.method, t=args.t,
-                         steps=args.steps, labels=label, guidance=guidance, generator=args.seed,
-                         progress=bool(args.progress), **_model_options(run))
-    save_grid(frames.float().cpu(), out, nrow=args.frames)
-    how = "DDIM-inverted latents, slerp" if args.method == "slerp" else \
-        f"noised to t={run.schedule.num_timesteps // 2 if args.t is None else args.t}, Fig. 8"
-    print(f"ddpm: wrote {args.frames} frames ({how}{_label_text(run, label, guidance)}) to {out}")
-    return 0
-
-
-def _label_text(run, label: int | None, guidance: float) -> str:
-    if label is None:
-        return ""
-    name = run.class_names[label]
-    return f", class {label}{'' if name == str(label) else f' ({name})'}, guidance {guidance:g}"
