@@ -126,3 +126,23 @@ def test_bad_requests_write_nothing(teacher_run, tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         _distil(tmp_path, out)
     assert not out.exists()
+
+
+def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
+    import argparse
+
+    from ddpm.cli import distill as distill_command
+    from ddpm.cli.main import main
+
+    parser = argparse.ArgumentParser()
+    distill_command.add_parser(parser.add_subparsers(), argparse.RawDescriptionHelpFormatter)
+    out = tmp_path / "s"
+    args = parser.parse_args(["distill", str(teacher_run), "--steps", "2", "--teacher-steps", "8", "--out", str(out),
+                              "--iters-per-round", "3", "--no-progress"])
+    assert args.func(args) == 0
+    assert main(["sample", str(out), "--num", "8", "--out", str(tmp_path / "x.png")]) == 0
+    assert "ddim, 2 steps" in capsys.readouterr().out
+    assert main(["sample", str(out), "--num", "8", "--steps", "4", "--out", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distilled for 2 deterministic DDIM steps" in err and "\n" not in err
+    assert not (tmp_path / "y.png").exists()
