@@ -53,6 +53,7 @@ _EXPORTS = {
     "MLPDenoiser": "nets.mlp",
     "MLPConfig": "nets.mlp",
     "train": "training.loop",
+    "distill": "training.distill",
     "TrainConfig": "config",
     "load": "io.run",
     "LoadedRun": "io.run",

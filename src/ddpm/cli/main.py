@@ -1,7 +1,7 @@
 """``ddpm`` command line: the top-level parser, the commands it offers and ``main``.
 
 Each command is a module of this package holding its options (``add_parser``), its examples and
-its handler: ``train``, ``sample``, ``schedules``, ``eval`` (fid, nll, toy), ``export``, ``report``,
+its handler: ``train``, ``sample``, ``distill``, ``schedules``, ``eval`` (fid, nll, toy), ``export``, ``report``,
 ``analytic``, ``inpaint`` and ``interpolate``; they share option groups (``ddpm.cli.options``) and
 run loading, variances and conditioning (``ddpm.cli.common``). The library is imported when a
 command runs.
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analytic, eval, export, inpaint, interpolate, report, sample, schedules, train
+from . import analytic, distill, eval, export, inpaint, interpolate, report, sample, schedules, train
 from .options import show_help
 from ..errors import UserError, first_line
 
 # The commands, in the order `ddpm --help` lists them.
-COMMANDS = (train, sample, schedules, eval, export, report, analytic, inpaint, interpolate)
+COMMANDS = (train, sample, distill, schedules, eval, export, report, analytic, inpaint, interpolate)
 
 QUICKSTART = """examples:
   ddpm train                                   # about 15 minutes on a laptop CPU: digits in runs/mnist-DATE/samples
