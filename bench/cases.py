@@ -23,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.core import device as accel
+
+from ddpm.nets import fast as fastpaths
+
+from ddpm.training import optim
 from ddpm.core.diffusion import p_mean_variance, training_loss
 from ddpm.sampling.samplers import gaussian_noise, per_sample_seeds, sample
 from ddpm.core.schedules import NoiseSchedule
@@ -72,9 +76,9 @@ def _prepared(model: torch.nn.Module, mode: Mode, device: torch.device, train: b
         prepared = copy.deepcopy(model).to(device)
         prepared.train(train)
         inner = getattr(prepared, "unet", prepared)  # compile diffusers' UNet2DModel itself
-        accel.prepare_model(inner, channels_last=mode.channels_last, compile=mode.compile)
+        fastpaths.prepare_model(inner, channels_last=mode.channels_last, compile=mode.compile)
         if not train and mode.graphs:
-            prepared = accel.GraphedModel(prepared, clone_output=False)
+            prepared = fastpaths.GraphedModel(prepared, clone_output=False)
         _PREPARED[key] = prepared
     return _PREPARED[key]
 
@@ -95,7 +99,7 @@ def train_step(side: str, model, mode: Mode, batch: int, device: torch.device) -
 
     if side == "ours":
         schedule = _schedule(device)
-        opt = accel.make_optimizer(params, LR) if mode.fused else torch.optim.Adam(params, LR)
+        opt = optim.make_optimizer(params, LR) if mode.fused else torch.optim.Adam(params, LR)
         ema = [p.detach().clone() for p in params]
 
         def step():
@@ -105,7 +109,7 @@ def train_step(side: str, model, mode: Mode, batch: int, device: torch.device) -
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=mode.fused or None)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            accel.ema_update(ema, params, EMA_DECAY)
+            optim.ema_update(ema, params, EMA_DECAY)
 
         return step
 

@@ -10,6 +10,8 @@ from torch import nn
 
 from ddpm.core import device as accel
 
+from ddpm.training import optim
+
 
 @pytest.fixture
 def cpu_caps(monkeypatch):
@@ -108,10 +110,10 @@ def test_grad_scaler_on_cpu_scales_unscales_and_skips_overflowing_steps():
     nets = [nn.Linear(4, 2) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
-    scaler = accel.make_grad_scaler("fp16", "cpu")
-    plain = accel.make_grad_scaler("off", "cpu")
+    scaler = optim.make_grad_scaler("fp16", "cpu")
+    plain = optim.make_grad_scaler("off", "cpu")
     assert scaler.is_enabled() and not plain.is_enabled()
-    assert not accel.make_grad_scaler("bf16", "cpu").is_enabled()
+    assert not optim.make_grad_scaler("bf16", "cpu").is_enabled()
 
     # A normal step: the scaled loss backpropagates scale * grad, and step() unscales before
     # updating, so the update is the plain one (up to fp16 forward rounding).
@@ -137,6 +139,6 @@ def test_grad_scaler_on_cpu_scales_unscales_and_skips_overflowing_steps():
     assert scaler.get_scale() == scale / 2
 
     # Its state round-trips, as a checkpoint needs for an exact resume.
-    restored = accel.make_grad_scaler("fp16", "cpu")
+    restored = optim.make_grad_scaler("fp16", "cpu")
     restored.load_state_dict(scaler.state_dict())
     assert restored.get_scale() == scaler.get_scale()

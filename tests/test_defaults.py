@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ddpm.core import device as accel
+
+from ddpm.nets import fast as fastpaths
 from ddpm.sampling.batches import SamplerSettings, sample_batches
 from ddpm.io.run import load
 from ddpm.cli.main import build_parser, main
@@ -135,8 +137,8 @@ def test_load_is_fast_by_default_and_fast_false_turns_it_off(tiny_run, native_bf
         convs = [p for p in r.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
         return all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
 
-    assert not is_nhwc(load(tiny_run))  # ch 8: narrower than where channels_last pays (accel)
-    monkeypatch.setattr(accel, "CHANNELS_LAST_MIN_WIDTH", 8)
+    assert not is_nhwc(load(tiny_run))  # ch 8: narrower than where channels_last pays (nets.fast)
+    monkeypatch.setattr(fastpaths, "CHANNELS_LAST_MIN_WIDTH", 8)
     wide = load(tiny_run)
     assert is_nhwc(wide) and not is_nhwc(load(tiny_run, fast=False))
     with torch.no_grad():
@@ -145,14 +147,14 @@ def test_load_is_fast_by_default_and_fast_false_turns_it_off(tiny_run, native_bf
 
 
 def test_channels_last_is_preferred_from_width_64():
-    assert accel.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 8, 3)))
-    assert not accel.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 128, 3)))
-    assert not accel.prefers_channels_last(nn.Linear(2, 128))  # no convolution: no layout to choose
+    assert fastpaths.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 8, 3)))
+    assert not fastpaths.prefers_channels_last(nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 128, 3)))
+    assert not fastpaths.prefers_channels_last(nn.Linear(2, 128))  # no convolution: no layout to choose
     from ddpm.nets.unet import UNet
 
     with torch.device("meta"):
-        assert accel.prefers_channels_last(UNet.from_preset("cifar10"))
-        assert not accel.prefers_channels_last(UNet.from_preset("mnist"))
+        assert fastpaths.prefers_channels_last(UNet.from_preset("cifar10"))
+        assert not fastpaths.prefers_channels_last(UNet.from_preset("mnist"))
 
 
 # -- batched sampling: the run's mode and the progress bar ------------------------------------

@@ -10,6 +10,10 @@ import torch
 from torch import nn
 
 from ddpm.core import device as accel
+
+from ddpm.nets import fast as fastpaths
+
+from ddpm.training import optim
 from ddpm.sampling.samplers import sample
 from ddpm.core.schedules import NoiseSchedule
 from ddpm.nets.unet import UNet, UNetConfig
@@ -61,7 +65,7 @@ def test_channels_last_gives_the_same_output():
     model, (x, t) = _random_unet(), _inputs()
     with torch.no_grad():
         ref = model(x, t)
-        accel.prepare_model(model, channels_last=True)
+        fastpaths.prepare_model(model, channels_last=True)
         assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         out = model(x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -70,7 +74,7 @@ def test_channels_last_gives_the_same_output():
 def test_prepare_model_compile_is_in_place_and_keeps_state_dict_keys():
     model = _random_unet()
     keys = list(model.state_dict())
-    assert accel.prepare_model(model, compile=True) is model  # compilation itself is lazy
+    assert fastpaths.prepare_model(model, compile=True) is model  # compilation itself is lazy
     assert list(model.state_dict()) == keys  # no "_orig_mod." prefix in checkpoints
 
 
@@ -79,7 +83,7 @@ def test_compiled_model_agrees_with_eager():
     model, (x, t) = _random_unet(), _inputs()
     with torch.no_grad():
         ref = model(x, t)
-        accel.prepare_model(model, compile=True)
+        fastpaths.prepare_model(model, compile=True)
         out = model(x, t)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
@@ -89,11 +93,11 @@ def test_ema_update_equals_reference_formula():
     params = [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(7, generator=g))]
     ema = [torch.randn(p.shape, generator=g) for p in params]
     expected = [0.99 * e + 0.01 * p.detach() for e, p in zip(ema, params)]
-    accel.ema_update(ema, params, 0.99)
+    optim.ema_update(ema, params, 0.99)
     for e, x in zip(ema, expected):
         torch.testing.assert_close(e, x, rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
-        accel.ema_update(ema[:1], params, 0.99)
+        optim.ema_update(ema[:1], params, 0.99)
 
 
 def test_make_optimizer_matches_plain_adam():
@@ -109,17 +113,17 @@ def test_make_optimizer_matches_plain_adam():
             opt.step()
         return opt, params
 
-    opt, fast = run(lambda ps: accel.make_optimizer(ps, 1e-3))
+    opt, fast = run(lambda ps: optim.make_optimizer(ps, 1e-3))
     assert opt.defaults["fused"] or opt.defaults["foreach"]  # one of the multi-tensor paths
     _, ref = run(lambda ps: torch.optim.Adam(ps, 1e-3, foreach=False))
     for pa, pb in zip(fast, ref):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
-    assert isinstance(accel.make_optimizer(fast, 1e-3, weight_decay=0.01), torch.optim.AdamW)
+    assert isinstance(optim.make_optimizer(fast, 1e-3, weight_decay=0.01), torch.optim.AdamW)
 
 
 def test_graphed_model_on_cpu_is_the_eager_model():
     model, (x, t) = _random_unet(), _inputs()
-    graphed = accel.GraphedModel(model)
+    graphed = fastpaths.GraphedModel(model)
     with torch.no_grad():
         assert torch.equal(graphed(x, t), model(x, t))
     assert graphed.config is model.config  # attributes pass through to the wrapped model
@@ -129,7 +133,7 @@ def test_graphed_model_on_cpu_is_the_eager_model():
 def test_graphed_model_on_cuda_replays_the_eager_function():
     model, (x, t) = _random_unet(), _inputs()
     model = model.cuda()
-    graphed = accel.GraphedModel(model)
+    graphed = fastpaths.GraphedModel(model)
     with torch.no_grad():
         for seed in (1, 2, 3):  # fresh inputs each call: the graph reads its static buffers
             x, t = _inputs(seed=seed)
@@ -140,13 +144,13 @@ def test_graphed_model_on_cuda_replays_the_eager_function():
 def test_same_seed_gives_the_same_samples_in_the_fast_mode():
     # The CPU's best mode (docs/benchmarks.md): bf16 autocast, channels_last, behind the graph wrapper.
     model = _random_unet()
-    fast_model = accel.prepare_model(copy.deepcopy(model), channels_last=True)
+    fast_model = fastpaths.prepare_model(copy.deepcopy(model), channels_last=True)
     schedule = NoiseSchedule.from_name("sqrt_linear", 1000)
     shape = (4, 3, 16, 16)
     with torch.no_grad():
         ref = sample(model, schedule, shape, sampler="ddim", steps=10, generator=0)
         with accel.autocast("cpu", "bf16"):
-            fast = sample(accel.GraphedModel(fast_model), schedule, shape, sampler="ddim", steps=10, generator=0)
+            fast = sample(fastpaths.GraphedModel(fast_model), schedule, shape, sampler="ddim", steps=10, generator=0)
     assert ref.std() > 0.1
     assert 0 < _rel(fast, ref) < 5e-2  # measured about 2e-2: ten steps of a random network compound bf16 rounding
 

@@ -272,10 +272,10 @@ def test_an_adam_moment_of_the_wrong_shape_is_refused_not_a_segfault(run4, tmp_p
 
 @pytest.fixture(scope="module")
 def good_state(run4):
-    from ddpm.core import device as accel
+    from ddpm.training import optim
     from ddpm.config import build_model
 
-    optimizer = accel.make_optimizer(build_model(load(run4).config.model).parameters(), lr=1e-3)
+    optimizer = optim.make_optimizer(build_model(load(run4).config.model).parameters(), lr=1e-3)
     return torch.load(run4 / "ckpt-0000004" / "state.pt", weights_only=True), optimizer
 
 

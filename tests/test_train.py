@@ -300,7 +300,7 @@ def test_tensorboard_scalars_match_the_jsonl_log(tmp_path, tiny):
 
 
 def _scaler(**kwargs):
-    """accel.make_grad_scaler with GradScaler options (enabled for fp16, as the original)."""
+    """optim.make_grad_scaler with GradScaler options (enabled for fp16, as the original)."""
     def make(amp, device):
         return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16", **kwargs)
     return make
@@ -308,7 +308,7 @@ def _scaler(**kwargs):
 
 def test_fp16_resume_restores_the_loss_scale_bit_for_bit(tmp_path, tiny, monkeypatch):
     # growth every step: the scale at the resume point differs from a fresh scaler's
-    monkeypatch.setattr("ddpm.core.device.make_grad_scaler", _scaler(growth_interval=1))
+    monkeypatch.setattr("ddpm.training.optim.make_grad_scaler", _scaler(growth_interval=1))
     config = tiny(**{"train.amp": "fp16", "train.steps": 6, "train.ckpt_every": 3})
     straight = train(config, out=tmp_path / "straight")
     train(config.override(**{"train.steps": 3}), out=tmp_path / "split")
@@ -323,7 +323,7 @@ def test_fp16_resume_restores_the_loss_scale_bit_for_bit(tmp_path, tiny, monkeyp
 
 def test_fp16_overflow_skips_are_logged_and_are_not_divergence(tmp_path, tiny, monkeypatch):
     # a scale of 2^40 overflows fp16 gradients until the scaler has halved it far enough
-    monkeypatch.setattr("ddpm.core.device.make_grad_scaler", _scaler(init_scale=2.0**40))
+    monkeypatch.setattr("ddpm.training.optim.make_grad_scaler", _scaler(init_scale=2.0**40))
     config = tiny(**{"train.amp": "fp16", "train.steps": 30, "train.log_every": 1, "train.ckpt_every": 0,
                      "train.max_nonfinite": 1})
     run_dir = train(config, out=tmp_path / "r")  # no TrainingDiverged although max_nonfinite is 1

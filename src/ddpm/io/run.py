@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, build_model, item_shape, sample_kwargs
-from ..core import device as accel
-from ..core.device import autocast
+from ..core.device import autocast, resolve_amp
 from ..errors import UserError, first_line
+from ..nets.fast import prefers_channels_last, prepare_model
 from ..nets.unet import UNet
 from ..sampling.guidance import guide_kwargs
 from .checkpoint import (
@@ -122,7 +122,7 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     Fast by default, as ``ddpm sample`` runs: ``run.amp`` is ``amp`` resolved on ``device``
     (default ``"auto"``: bf16 or fp16 autocast where the device computes it natively, see
     ``ddpm.core.device.resolve_amp``) and networks wide enough to gain get channels_last weights
-    (``accel.prefers_channels_last``). ``fast=False`` keeps float32 (unless ``amp`` says otherwise)
+    (``fast.prefers_channels_last``). ``fast=False`` keeps float32 (unless ``amp`` says otherwise)
     and the stored layout.
 
     The network is rebuilt from the config stored in the weights' metadata (falling back to the
@@ -160,12 +160,11 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
 
 def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
     """``load``'s fast defaults: the autocast mode for the device, channels_last where it helps."""
-
-    run.amp = accel.resolve_amp(amp or ("auto" if fast else "off"), device)
-    if fast and isinstance(run.model, torch.nn.Module) and accel.prefers_channels_last(run.model):
+    run.amp = resolve_amp(amp or ("auto" if fast else "off"), device)
+    if fast and isinstance(run.model, torch.nn.Module) and prefers_channels_last(run.model):
         for net in (run.model, run.guide):
             if net is not None:
-                accel.prepare_model(net, channels_last=True)
+                prepare_model(net, channels_last=True)
     return run
 
 

@@ -70,7 +70,8 @@ from ..errors import UserError
 from ..evaluation.evaluate import periodic_eval
 from ..io.checkpoint import latest_checkpoint, list_checkpoints, read_guide, restore_training_state, save_checkpoint
 from ..io.files import RunLock, atomic_write_text, sweep_temporaries
-from . import guards
+from ..nets import fast
+from . import guards, optim
 from .budget import CpuThreads, TimeBudget, lr_at, progress
 from .data import get_batch, open_data, with_class_names
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
@@ -221,13 +222,13 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     torch.manual_seed(c.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = accel.make_optimizer(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+    optimizer = optim.make_optimizer(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                      weight_decay=config.optim.weight_decay, eps=config.optim.eps)
     step = 0
     # Same history on every rank: each records the whole global batch (record_vlb_losses).
     timestep_sampler = (LossAwareTimestepSampler(config.diffusion.timesteps)
                         if config.diffusion.objective == "vlb" else None)
-    scaler = accel.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
+    scaler = optim.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
     budget = TimeBudget(c.max_minutes)
     if latest is not None:
         step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world,
@@ -238,12 +239,12 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
                             f"{2 * c.max_minutes:g}")
     else:
         torch.manual_seed(c.seed + rank)  # dropout differs per rank, as with independent shards
-    accel.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
-    accel.prepare_model(ema, channels_last=c.channels_last)
+    fast.prepare_model(model, channels_last=c.channels_last, compile=c.compile)
+    fast.prepare_model(ema, channels_last=c.channels_last)
     kept = read_guide(latest / "ema.safetensors", config.model) if latest is not None and rank == 0 else None
     guide, guide_step = kept if kept is not None else (None, 0)  # kept before the checkpoint: goes on with the run
     if guide is not None:
-        accel.prepare_model(guide.to(device).requires_grad_(False).eval(), channels_last=c.channels_last)
+        fast.prepare_model(guide.to(device).requires_grad_(False).eval(), channels_last=c.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:  # only now: a refused resume leaves the run's config.json as it was
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
@@ -359,11 +360,11 @@ def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
         finally:
             del r.optimizer.found_inf
         if r.rank == 0:  # zero EMA weight on a skipped step, decided on the device
-            accel.ema_update(r.ema_tensors, r.model_tensors, decay, keep=1 - skip)
+            optim.ema_update(r.ema_tensors, r.model_tensors, decay, keep=1 - skip)
     elif not skip.item():
         r.optimizer.step()
         if r.rank == 0:
-            accel.ema_update(r.ema_tensors, r.model_tensors, decay)
+            optim.ema_update(r.ema_tensors, r.model_tensors, decay)
     r.optimizer.zero_grad(set_to_none=True)
 
 
