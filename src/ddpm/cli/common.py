@@ -32,18 +32,10 @@ if TYPE_CHECKING:
 # -- loading a run ----------------------------------------------------------------------------
 
 def resolve_device(name: str) -> str:
-    """--device: auto -> cuda when available, else cpu; CUDA asked for but absent is a user error."""
-    import torch
+    """--device as a string for ``ddpm.load`` (see ``ddpm.core.device.pick_device``)."""
+    from ..core.device import pick_device  # torch: imported when a command runs, not for --help
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but CUDA is not available")
-    return name
+    return str(pick_device(name))
 
 
 def load_run(path: str, args):

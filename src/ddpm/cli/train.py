@@ -187,12 +187,9 @@ def _size_model_to_data(config, overrides: dict):
 def _training_mode(config) -> str:
     """"on cpu in bf16 autocast (auto; ...)": the device and autocast mode the loop will choose
     (ddpm.training.loop resolves them the same way; a preset's explicit train.amp is kept)."""
-    import torch
+    from ..core.device import describe_amp, pick_device, resolve_amp
 
-    from ..core.device import describe_amp, resolve_amp
-
-    want = config.train.device
-    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pick_device(config.train.device).type
     requested = config.train.amp
     # an explicit mode may come from the preset or the config file rather than a flag
     mode = describe_amp(resolve_amp(requested, device), requested,

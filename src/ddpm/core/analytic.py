@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .device import model_device
 from .diffusion import PREDICTIONS, check_choice, q_sample, respaced_schedule, split_output, x0_eps_from_output
 from .schedules import NoiseSchedule
 
@@ -191,8 +192,7 @@ def analytic_variance(
     if ts.numel() == 0 or int(ts.min()) < 0 or int(ts.max()) >= T:
         raise ValueError(f"timesteps must be non-empty and lie in 0..{T - 1}")
     if device is None:
-        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-        device = params[0].device if params else "cpu"
+        device = model_device(model)
     sched = schedule.to(device)
     sums = torch.zeros(T, dtype=torch.float64)
     seen, x_sum, x_sq = 0, 0.0, 0.0

@@ -1,6 +1,7 @@
 """Devices and numeric precision: which device, which autocast mode, and what the host allows.
 
-- ``default_device()``                 "cuda" when a GPU is visible, else "cpu".
+- ``pick_device(name)``                 a ``--device`` value: "auto" -> CUDA when visible, else the CPU.
+- ``model_device(model, default)``     where a network's weights live (``default`` for a plain function).
 - ``resolve_amp(requested, device)``   ``"auto"`` -> the fastest safe mode of the device: bf16, fp16 or off.
 - ``describe_amp(amp, requested)``     how a command line says which mode it runs in.
 - ``autocast(device, amp)``            bf16 or fp16 autocast on CUDA and CPU, or a no-op for ``"off"``.
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from ..errors import UserError
 
 Amp = Literal["off", "bf16", "fp16"]
 AMP_MODES = ("off", "bf16", "fp16")
@@ -136,6 +139,21 @@ def describe_amp(amp: Amp, requested: str = "auto", *, source: str | None = None
     return f"{mode} (auto; {hint})"
 
 
-def default_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu": the default of every command and function."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """The device a command or function runs on: ``"auto"`` is CUDA when a GPU is visible, else the
+    CPU; an unknown name or CUDA asked for but absent is a ``UserError`` naming it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def model_device(model, default: str | torch.device = "cpu") -> torch.device:
+    """The device of ``model``'s first parameter; ``default`` for a function or a network without any."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return param.device if param is not None else torch.device(default)

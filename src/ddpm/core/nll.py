@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .device import model_device
 from .diffusion import DECODERS, VARIANCES, check_choice, normal_kl, q_mean_variance, q_sample, vlb_term
 from .schedules import NoiseSchedule
 
@@ -143,8 +144,7 @@ def nll_bpd(
     """
     T = schedule.num_timesteps
     if device is None:  # the model's device when it has parameters, else the CPU
-        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-        device = params[0].device if params else "cpu"
+        device = model_device(model)
     sched = schedule.to(device)
     totals, priors, decoders, kls, per_t = [], [], [], [], []
     batches = _as_batches(data, batch_size, num)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import EvalConfig
+from ..core.device import model_device, pick_device
 from ..core.nll import nll_bpd
 from ..data.sources import open_source, toy_log_density, toy_sample
 from ..errors import UserError
@@ -41,8 +42,6 @@ CIFAR10_ENV = "DDPM_CIFAR10_DIR"
 CIFAR10_REFS = {"cifar10-train": "train", "cifar10-test": "test"}
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _jsonable(value):
@@ -180,7 +179,7 @@ def compute_fid(images: np.ndarray, reference: str, *, weights: str | os.PathLik
     package (up to 5,000 kept), not with a bare mu/sigma file, where KID is skipped.
     """
     w = _fid.resolve_inception_weights(weights)
-    net = _fid.build_inception(w, device or default_device())
+    net = _fid.build_inception(w, device or pick_device())
     t0 = time.time()
     acc = _fid.extract_stats(net, _fid.iter_batches(images, batch_size), progress=progress)
     mu, sigma = acc.mu_sigma()
@@ -302,8 +301,7 @@ def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: st
     if hasattr(model, "eval"):
         model.eval()
     if device is None:
-        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-        device = params[0].device if params else default_device()
+        device = model_device(model, pick_device())
     run = SimpleNamespace(model=model, schedule=schedule, shape=tuple(shape), sample_kwargs=sample_kwargs)
     record = {"step": int(step), "sampler": config.sampler, "steps": config.steps, "num": config.num}
     kind = getattr(data, "kind", None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, build_model, item_shape, sample_kwargs
-from ..core.device import autocast, resolve_amp
+from ..core.device import autocast, model_device, resolve_amp
 from ..errors import UserError, first_line
 from ..nets.fast import prefers_channels_last, prepare_model
 from ..nets.unet import UNet
@@ -75,8 +75,7 @@ class LoadedRun:
     def autocast(self):
         """A context manager running the network in ``amp`` on the model's device."""
 
-        param = next(iter(self.model.parameters()), None) if isinstance(self.model, torch.nn.Module) else None
-        return autocast(param.device if param is not None else "cpu", self.amp)
+        return autocast(model_device(self.model), self.amp)
 
     @property
     def num_classes(self) -> int | None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core import device as accel
+from ..core.noise import logical_shift_right, mix64, per_sample_seeds
 from ..errors import UserError
-from .samplers import _mix64, _srl, default_steps, per_sample_seeds, sample
+from .samplers import default_steps, sample
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def uniform_labels(seed: int, num: int, num_classes: int, offset: int = 0) -> to
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    u = _srl(_mix64(per_sample_seeds(seed, num, offset)), 32)  # uniform on 0..2^32-1
+    u = logical_shift_right(mix64(per_sample_seeds(seed, num, offset)), 32)  # uniform on 0..2^32-1
     return (u * num_classes) >> 32  # < 2^63: no overflow for any K < 2^31
 
 

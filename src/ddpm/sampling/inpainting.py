@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.diffusion import check_choice, p_mean_variance, q_sample, respaced_schedule
-from .guidance import guided_model
-from .samplers import SPACINGS, Generator, Model, _call, _resolve_seeds, gaussian_noise, timestep_grid
+from ..core.diffusion import check_choice, q_sample, respaced_schedule
+from ..core.noise import Generator, gaussian_noise, resolve_seeds
 from ..core.schedules import NoiseSchedule
+from .grids import SPACINGS, timestep_grid
+from .guidance import guided_model
+from .samplers import Model, ancestral_step, call_model
 
 # The ancestral sampler's variances that need nothing but the model (no analytic table).
 _VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -111,13 +113,11 @@ def inpaint(
     chain = respaced_schedule(schedule, grid.flip(0)).to(device)
     model_t = grid.flip(0).to(device)  # model timestep of chain position p
     fn = guided_model(model, labels, guidance, B, device)
-    # As sample(): a one-step chain's only step adds no noise, and has no fixed_large table.
-    step_variance = "fixed_small" if S == 1 and variance == "fixed_large" else variance
     dtype = torch.float64 if known.dtype == torch.float64 else torch.float32
     known = known.to(dtype)
     ab = chain.alphas_cumprod
 
-    seeds = _resolve_seeds(generator, B, device)
+    seeds = resolve_seeds(generator, B, device)
     x = gaussian_noise(seeds, 0, known.shape, dtype)  # Algorithm 1, line 1: x_T ~ N(0, I)
     draws = iter(range(1, 2 * len(path) + 1))
     moves = zip(path[:-1], path[1:])
@@ -136,9 +136,8 @@ def inpaint(
         noisy_known = q_sample(chain, known, t_chain, gaussian_noise(seeds, next(draws), x.shape, dtype))
         x = torch.where(keep, noisy_known, x)
         # Lines 6-7: the ancestral step (Algorithm 2) on the whole image; no noise on the last one.
-        output = _call(fn, x, model_t[p].expand(B), variance)
-        mean, var, _, _ = p_mean_variance(chain, output, x, t_chain, prediction=prediction, variance=step_variance,
-                                          clip_denoised=clip_denoised)
+        output = call_model(fn, x, model_t[p].expand(B), variance)
         z = gaussian_noise(seeds, next(draws), x.shape, dtype)
-        x = mean + var.sqrt() * z if p > 0 else mean
+        x, _ = ancestral_step(chain, output, x, p, z, prediction=prediction, variance=variance,
+                              clip_denoised=clip_denoised)
     return torch.where(keep, known, x)

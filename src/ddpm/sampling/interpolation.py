@@ -25,9 +25,10 @@ from typing import Literal
 import torch
 
 from ..core.diffusion import q_sample
-from .inversion import invert
-from .samplers import Generator, Model, _resolve_seeds, gaussian_noise, sample
+from ..core.noise import Generator, gaussian_noise, resolve_seeds
 from ..core.schedules import NoiseSchedule
+from .inversion import invert
+from .samplers import Model, sample
 
 METHODS = ("slerp", "noised")
 
@@ -102,7 +103,7 @@ def interpolate(
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T:
         raise ValueError(f"t must be an integer timestep in 0..{T - 1}, got {t!r}")
     # One seed for all frames: the same forward noise (its draw 0, x_T's draw) and reverse noise.
-    seeds = _resolve_seeds(generator, 1, device).expand(frames)
+    seeds = resolve_seeds(generator, 1, device).expand(frames)
     eps = gaussian_noise(seeds, 0, (frames, *x_a.shape), x_a.dtype)
     t_batch = torch.full((frames,), t, dtype=torch.long, device=device)
     x_t_a = q_sample(schedule, x_a.expand(frames, *x_a.shape), t_batch, eps)

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 
 from ..core.diffusion import PREDICTIONS, check_choice
-from .guidance import guided_model
-from .samplers import _DEFAULT_SPACING, SPACINGS, Model, _call, _clean_prediction, default_steps, timestep_grid
 from ..core.schedules import NoiseSchedule
+from .grids import SPACINGS, timestep_grid
+from .guidance import guided_model
+from .samplers import DEFAULT_SPACING, Model, call_model, clean_prediction, default_steps
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def invert(
     check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"refine must be a non-negative integer, got {refine!r}")
-    spacing = _DEFAULT_SPACING["ddim"] if spacing is None else spacing
+    spacing = DEFAULT_SPACING["ddim"] if spacing is None else spacing
     check_choice("spacing", spacing, SPACINGS)
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or not x0.is_floating_point():
         raise ValueError(f"x0 must be a float tensor of shape (B, ...), got {getattr(x0, 'shape', type(x0))}")
@@ -87,7 +88,7 @@ def invert(
         t = ascending[k].expand(B)
         guess = x
         for _ in range(1 + refine):
-            _, eps = _clean_prediction(schedule, guess, t, _call(fn, guess, t), prediction, clip_denoised)
+            _, eps = clean_prediction(schedule, guess, t, call_model(fn, guess, t), prediction, clip_denoised)
             guess = c_y[k] * x + c_e[k] * eps  # eq. 12 with eta = 0, solved for y_k
         x = guess
         trajectory.append(x)

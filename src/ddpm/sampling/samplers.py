@@ -13,15 +13,9 @@ Notation (0-based model timesteps, as in ``ddpm.core.schedules``)::
     sigma_i         DDIM's noise scale, eta * sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev)
     z               fresh standard Gaussian noise (Algorithm 2, line 3)
 
-Randomness. Every random number comes from ``generator`` through a per-sample seed: sample i of a
-call gets seed s_i, and its noise for draw k (k = 0 is x_T, k = j + 1 the noise added at step j)
-is a counter-based hash of (s_i, k, element index): splitmix64, then Box-Muller. Sample i is
-therefore the same whatever the batch size or the other samples, on CPU or CUDA, and the draw for
-step j does not depend on which earlier steps drew noise (so DDIM eta=1 and DDPM see the same z).
-``generator`` may be a ``torch.Generator`` (one base seed is drawn from it and s_i =
-``per_sample_seeds(base, B)[i]``), an int base seed, or explicit per-sample seeds (a sequence of B
-ints or a LongTensor (B,)); None draws the base seed from torch's global generator. To split a large
-run into batches without changing any image, pass ``per_sample_seeds(seed, n, offset)`` per batch.
+Randomness. Every random number comes from ``generator`` through a per-sample seed
+(``ddpm.core.noise``): draw 0 of sample i is its x_T, draw j + 1 the noise added at step j, so
+sample i is the same whatever the batch size or the other samples.
 
 The model receives x_t in the working dtype (float32, or float64 when ``x_T`` is float64) and may
 compute in any dtype (autocast, bf16); its output is cast back and every update is done in the
@@ -30,158 +24,36 @@ working dtype with float64 schedule terms prepared on the device once, before th
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..core.diffusion import (PREDICTIONS, VARIANCES, check_choice, p_mean_variance, predict_eps_from_x0, respaced_schedule,
-                        split_output, x0_eps_from_output)
-from .guidance import autoguided_model, check_guidance, guided_model
+from ..core.device import model_device
+from ..core.diffusion import (
+    PREDICTIONS,
+    VARIANCES,
+    check_choice,
+    p_mean_variance,
+    predict_eps_from_x0,
+    respaced_schedule,
+    split_output,
+    x0_eps_from_output,
+)
+from ..core.noise import Generator, gaussian_noise, per_sample_seeds, resolve_seeds
 from ..core.schedules import NoiseSchedule
+from .grids import SPACINGS, timestep_grid
+from .guidance import autoguided_model, check_guidance, guided_model
+
+__all__ = ["SAMPLERS", "SPACINGS", "Generator", "Model", "ancestral_step", "call_model", "clean_prediction",
+           "default_steps", "gaussian_noise", "per_sample_seeds", "sample", "timestep_grid"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-SPACINGS = ("uniform", "leading", "trailing", "quad", "logsnr")
 _DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20}  # ddpm defaults to T (the paper's Algorithm 2)
-_DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++2m": "logsnr"}
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++2m": "logsnr"}
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Generator = torch.Generator | int | Sequence[int] | torch.Tensor | None
-
-# ---------------------------------------------------------------------------------------------
-# Counter-based Gaussian noise (splitmix64 + Box-Muller), vectorised over samples and elements
-# ---------------------------------------------------------------------------------------------
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
-_LOW32 = (1 << 32) - 1
-
-
-def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
-    # Logical right shift on int64 (torch's >> is arithmetic): mask off the sign extension.
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors; multiplications wrap modulo 2^64."""
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    return z ^ _srl(z, 31)
-
-
-def _seeds_from_base(base: torch.Tensor, n: int, offset: int, device) -> torch.Tensor:
-    idx = torch.arange(offset + 1, offset + n + 1, dtype=torch.int64, device=device)
-    return _mix64(_mix64(base.to(device)) + idx * _GOLDEN)
-
-
-def per_sample_seeds(seed: int, n: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-    """Seeds of samples offset..offset+n-1 of a run with base ``seed``: LongTensor (n,).
-
-    ``sample(..., generator=seed)`` uses ``per_sample_seeds(seed, B)``; calling it batch by batch
-    with ``generator=per_sample_seeds(seed, b, offset)`` reproduces the same images.
-    """
-    base = torch.tensor([_signed(int(seed) % (1 << 64))], dtype=torch.int64)
-    return _seeds_from_base(base, n, offset, device)
-
-
-def gaussian_noise(seeds: torch.Tensor, draw: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (B, ...) for draw ``draw`` of each per-sample seed (B,).
-
-    Element j of sample i is Box-Muller applied to the two 32-bit halves of
-    mix64(mix64(s_i + (draw + 1) G) + (j + 1) G), G the golden-ratio constant of splitmix64.
-    """
-    n = math.prod(shape[1:])
-    key = _mix64(seeds + _signed((draw + 1) * _GOLDEN % (1 << 64)))
-    j = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device)
-    h = _mix64(key[:, None] + j[None, :] * _GOLDEN)
-    u1 = (_srl(h, 32).double() + 0.5) * 2.0**-32  # in (0, 1): log is finite
-    u2 = ((h & _LOW32).double() + 0.5) * 2.0**-32
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return z.to(dtype).reshape(tuple(shape))
-
-
-def _resolve_seeds(generator: Generator, B: int, device: torch.device) -> torch.Tensor:
-    if isinstance(generator, torch.Generator) or generator is None:
-        g_device = generator.device if generator is not None else torch.device("cpu")
-        base = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=g_device, dtype=torch.int64)
-        return _seeds_from_base(base, B, 0, device)
-    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        return per_sample_seeds(int(generator), B, device=device)
-    seeds = torch.as_tensor(generator, dtype=torch.int64).to(device)
-    if seeds.shape != (B,):
-        raise ValueError(f"per-sample seeds must have shape (B,) = ({B},), got {tuple(seeds.shape)}")
-    return seeds
-
-
-# ---------------------------------------------------------------------------------------------
-# Timestep grids
-# ---------------------------------------------------------------------------------------------
-
-def _strictly_increasing(a: np.ndarray, T: int) -> np.ndarray:
-    # Push repeated indices apart: a_i in [i, T - S + i] keeps room for the others, then bump up.
-    S = a.size
-    a = np.clip(a, np.arange(S), T - S + np.arange(S))
-    for i in range(1, S):
-        a[i] = max(a[i], a[i - 1] + 1)
-    return a
-
-
-def timestep_grid(T: int, steps: int, spacing: str = "uniform", *, schedule: NoiseSchedule | None = None) -> torch.Tensor:
-    """The S = ``steps`` model timesteps a sampler visits, descending: LongTensor (S,) on CPU.
-
-    With a_i the ascending grid, i = 0..S-1:
-
-    - ``uniform``: a_i = floor(i (T-1)/(S-1) + 1/2), evenly spaced from 0 to T-1 inclusive (round
-      half up); S = 1 gives [T-1]. Like diffusers' "linspace".
-    - ``leading``: a_i = i * (T // S), diffusers' "leading" (steps_offset 0) and the DDIM paper's
-      "uniform"; for S > 1 it never visits t = T-1 (the noisiest step).
-    - ``trailing``: t_i = round(T - i T/S) - 1 in float64 with numpy's round half to even,
-      diffusers' "trailing": starts at T-1, ends at T/S - 1.
-    - ``quad``: a_i = floor((i sqrt(0.8 T)/(S-1))^2), the DDIM paper's quadratic skip, with repeats
-      pushed up by one so that the S timesteps are distinct.
-    - ``logsnr``: uniform in lambda = log(alpha/sigma) (DPM-Solver's advice for discrete-time
-      models): the first S of S+1 evenly spaced values from lambda(T-1) to lambda(0), each mapped
-      to the timestep of nearest lambda, repeats pushed apart. The dropped endpoint is where the
-      final step, which goes to sigma = 0, would start: ending the grid one lambda-step early gives
-      clearly better samples for few steps (as diffusers' DPM-Solver grids do). Needs ``schedule``.
-    """
-    check_choice("spacing", spacing, SPACINGS)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in 1..T={T}, got {steps!r}")
-    S = int(steps)
-    i = np.arange(S, dtype=np.int64)
-    if spacing == "uniform":
-        a = (2 * i * (T - 1) + (S - 1)) // (2 * (S - 1)) if S > 1 else np.array([T - 1])
-    elif spacing == "leading":
-        a = i * (T // S)
-    elif spacing == "trailing":
-        a = (np.round(T - i * (T / S)).astype(np.int64) - 1)[::-1]
-    elif spacing == "quad":
-        a = _strictly_increasing(np.floor(np.linspace(0, math.sqrt(0.8 * T), S) ** 2).astype(np.int64), T)
-    else:
-        if schedule is None or schedule.num_timesteps != T:
-            raise ValueError("spacing 'logsnr' needs the noise schedule (schedule=) with T timesteps")
-        neg_lam = -0.5 * schedule.log_snr.cpu().numpy()  # increasing in t
-        # A zero-terminal-SNR schedule has lambda(T-1) = -inf: span the finite range, start at T-1.
-        top = neg_lam[np.isfinite(neg_lam)].max()
-        targets = np.linspace(top, neg_lam[0], S + 1)[:S][::-1]  # ascending in t
-        right = np.clip(np.searchsorted(neg_lam, targets), 1, T - 1)
-        nearer_left = targets - neg_lam[right - 1] < neg_lam[right] - targets
-        a = np.where(nearer_left, right - 1, right) if T > 1 else np.zeros(S, np.int64)
-        a[-1] = T - 1
-        a = _strictly_increasing(a, T)
-    return torch.from_numpy(np.array(a[::-1], dtype=np.int64))
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
 
 def default_steps(sampler: str, T: int) -> int:
     """The number of steps ``sample`` takes when ``steps=None``: T for ddpm (Algorithm 2 visits
@@ -244,48 +116,18 @@ def sample(
     run's ``guide_kwargs``) and ``autoguidance`` w the scale, output_guide + w (output - output_guide),
     formed after classifier-free guidance of each (``ddpm.sampling.guidance.autoguided_model``).
     """
-    check_choice("sampler", sampler, SAMPLERS)
-    check_choice("prediction", prediction, PREDICTIONS)
-    check_choice("variance", variance, VARIANCES)
-    spacing = _DEFAULT_SPACING[sampler] if spacing is None else spacing
-    check_choice("spacing", spacing, SPACINGS)
-    T = schedule.num_timesteps
-    if steps is None:
-        steps = default_steps(sampler, T)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    run, own = _SAMPLER_FUNCTIONS[sampler]
-    options = {"eta": float(eta), "variance": variance, "analytic": analytic}
-    for name, off in _OFF.items():
-        if name not in own and options[name] != off:
-            takers = ", ".join(repr(s) for s, (_, o) in _SAMPLER_FUNCTIONS.items() if name in o)
-            raise ValueError(f"{name}={options[name]} is not an option of sampler {sampler!r} (only of {takers}); "
-                             f"leave it at {off}")
-    shape = tuple(shape)
-    if len(shape) < 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise ValueError(f"shape must be (B, ...) with positive integers and at least 2 dims, got {shape!r}")
-    grid = timestep_grid(T, steps, spacing, schedule=schedule)  # validates steps
-    if x_T is not None and tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match shape {shape}")
-    if device is None:
-        if x_T is not None:
-            device = x_T.device
-        else:
-            param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-            device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-    if guide is None and check_guidance(autoguidance) != 1.0:
-        raise ValueError(f"autoguidance={autoguidance} needs guide= (the network earlier in its training)")
+    grid, device, dtype = _check_options(model, schedule, shape, sampler, steps, eta, spacing, variance, prediction,
+                                         x_T, device, guide, autoguidance, analytic)
     model = guided_model(model, labels, guidance, shape[0], device)  # the model itself when unconditional
     if guide is not None:  # both networks guided by the labels first, then one by the other
         model = autoguided_model(model, guided_model(guide, labels, guidance, shape[0], device), autoguidance)
-    dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
-
     # Everything the loop needs lives on the device from here on: no host round trips per step.
-    seeds = _resolve_seeds(generator, shape[0], device)
+    seeds = resolve_seeds(generator, shape[0], device)
     # Algorithm 2, line 1: x_T ~ N(0, I) (draw 0 of each sample's seed).
     x = gaussian_noise(seeds, 0, shape, dtype) if x_T is None else x_T.to(device, dtype)
     traj = {"timesteps": grid, "x_t": [x], "x0": []} if return_trajectory else None
+    run, own = _SAMPLER_FUNCTIONS[sampler]
+    options = {"eta": float(eta), "variance": variance, "analytic": analytic}
     x = run(model, schedule, grid, x, seeds, progress=progress, traj=traj, clip_denoised=bool(clip_denoised),
             prediction=prediction, **{name: options[name] for name in own})
     if traj is None:
@@ -293,15 +135,46 @@ def sample(
     return x, {"timesteps": grid, "x_t": torch.stack(traj["x_t"]), "x0": torch.stack(traj["x0"])}
 
 
+def _check_options(model, schedule, shape, sampler, steps, eta, spacing, variance, prediction, x_T, device, guide,
+                   autoguidance, analytic) -> tuple[torch.Tensor, torch.device, torch.dtype]:
+    """Every check of ``sample``'s arguments, in one place: returns the grid, the device and the
+    working dtype, or raises ValueError naming the argument."""
+    check_choice("sampler", sampler, SAMPLERS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("variance", variance, VARIANCES)
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
+    T = schedule.num_timesteps
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    own, given = _SAMPLER_FUNCTIONS[sampler][1], {"eta": eta}
+    for name, off in _OFF.items():
+        value = given[name]
+        if name not in own and value != off:
+            takers = ", ".join(repr(s) for s, (_, o) in _SAMPLER_FUNCTIONS.items() if name in o)
+            raise ValueError(f"{name}={value} is not an option of sampler {sampler!r} (only of {takers}); "
+                             f"leave it at {off}")
+    if variance == "analytic" and analytic is None and sampler == "ddpm":
+        raise ValueError("variance='analytic' needs analytic=ddpm.analytic_variance(model, schedule, data)")
+    shape = tuple(shape)
+    if len(shape) < 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"shape must be (B, ...) with positive integers and at least 2 dims, got {shape!r}")
+    grid = timestep_grid(T, default_steps(sampler, T) if steps is None else steps, spacing, schedule=schedule)
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match shape {shape}")
+    if guide is None and check_guidance(autoguidance) != 1.0:
+        raise ValueError(f"autoguidance={autoguidance} needs guide= (the network earlier in its training)")
+    device = torch.device(device) if device is not None else x_T.device if x_T is not None else model_device(model)
+    dtype = x_T.dtype if x_T is not None and x_T.dtype == torch.float64 else torch.float32
+    return grid, device, dtype
+
+
 def _steps(grid: torch.Tensor, name: str, progress: bool):
     if not progress:
         return range(len(grid))
-    from tqdm.auto import tqdm
-
     return tqdm(range(len(grid)), desc=name, total=len(grid))
 
 
-def _call(model: Model, x: torch.Tensor, t: torch.Tensor, variance: str | None = None) -> torch.Tensor:
+def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, variance: str | None = None) -> torch.Tensor:
     """model(x, t) with its shape checked: x's, or (B, 2C, ...) for variance="learned_range".
 
     Samplers that set their own noise pass no variance and get the prediction channels alone, of
@@ -337,32 +210,41 @@ def _ddpm(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, pre
     device, B = x.device, x.shape[0]
     S = len(grid)
     chain = respaced_schedule(schedule, grid.flip(0)).to(device)  # the schedule itself when S = T
-    table = None
-    if variance == "analytic":
-        if analytic is None:
-            raise ValueError("variance='analytic' needs analytic=ddpm.analytic_variance(model, schedule, data)")
-        table = analytic.variances(schedule, grid.flip(0)).to(device)
-    step_variance = variance
-    if S == 1 and variance == "fixed_large":
-        # The only step is the last (no noise): the variance is unused, and diffusion's fixed_large
-        # table (beta~_1, beta_2, ...) does not exist for a one-step chain.
-        step_variance = "fixed_small"
+    table = analytic.variances(schedule, grid.flip(0)).to(device) if variance == "analytic" else None
     model_t = grid.to(device)
     for j in _steps(grid, "ddpm", progress):
-        i = S - 1 - j  # index into the (respaced) chain; 0 is the last step
-        t_chain = torch.full((B,), i, dtype=torch.long, device=device)
-        output = _call(model, x, model_t[j].expand(B), variance)
-        # Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) except on the
-        # last step (z = 0, line 3), where mu_theta = x0_pred and the loop returns x_0 (line 6).
-        # mu_theta is the posterior mean at x0_pred (eq. 7), which is line 4's formula when unclipped.
-        mean, var, _, x0 = p_mean_variance(chain, output, x, t_chain, prediction=prediction, variance=step_variance,
-                                           clip_denoised=clip_denoised, analytic_variances=table)
-        x = mean + var.sqrt() * gaussian_noise(seeds, j + 1, x.shape, x.dtype) if i > 0 else mean
+        i = S - 1 - j  # position in the (respaced) chain; 0 is the last step
+        output = call_model(model, x, model_t[j].expand(B), variance)
+        z = gaussian_noise(seeds, j + 1, x.shape, x.dtype) if i > 0 else None
+        x, x0 = ancestral_step(chain, output, x, i, z, prediction=prediction, variance=variance,
+                               clip_denoised=clip_denoised, analytic_variances=table)
         _record(traj, x, x0)
     return x
 
 
-def _clean_prediction(schedule, x, t, output, prediction, clip_denoised):
+def ancestral_step(chain: NoiseSchedule, output: torch.Tensor, x: torch.Tensor, i: int, z: torch.Tensor | None, *,
+                   prediction: str, variance: str, clip_denoised: bool,
+                   analytic_variances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Algorithm 2 from position ``i`` of ``chain`` (the schedule, or a respaced one;
+    0 is the last step): returns (x_{i-1}, x0_pred) for the model ``output`` at x_i.
+
+    Lines 3-4: x_{i-1} = mu_theta(x_i, i) + sigma_i z, z ~ N(0, I), except on the last step (z = 0,
+    line 3), where mu_theta = x0_pred and the loop returns x_0 (line 6). mu_theta is the posterior
+    mean at x0_pred (eq. 7), which is line 4's formula when unclipped. ``z`` may be None at i = 0.
+    """
+    if chain.num_timesteps == 1 and variance == "fixed_large":
+        # The only step is the last (no noise): the variance is unused, and a one-step chain has no
+        # fixed_large table (beta~_1, beta_2, ...).
+        variance = "fixed_small"
+    t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+    mean, var, _, x0 = p_mean_variance(chain, output, x, t, prediction=prediction, variance=variance,
+                                       clip_denoised=clip_denoised, analytic_variances=analytic_variances)
+    return (mean + var.sqrt() * z if i > 0 else mean), x0
+
+
+def clean_prediction(schedule, x, t, output, prediction, clip_denoised):
+    """(x0_pred, eps_pred) from a model output; with ``clip_denoised`` x0_pred is clamped to [-1, 1]
+    and eps_pred recomputed from it."""
     x0, eps = x0_eps_from_output(schedule, x, t, output, prediction)
     if clip_denoised:
         # Keep eps consistent with the clipped x0 (improved-diffusion's DDIM, diffusers'
@@ -385,7 +267,7 @@ def _ddim(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised, pre
     sigma = sigma.to(dt)
     for j in _steps(grid, "ddim", progress):
         t = model_t[j].expand(B)
-        x0, eps = _clean_prediction(schedule, x, t, _call(model, x, t), prediction, clip_denoised)
+        x0, eps = clean_prediction(schedule, x, t, call_model(model, x, t), prediction, clip_denoised)
         # Eq. 12: sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps_pred + sigma z.
         x = c_x0[j] * x0 + c_eps[j] * eps
         if eta > 0 and j < len(grid) - 1:  # sigma is 0 on the last step
@@ -414,7 +296,7 @@ def _dpmpp_2m(model, schedule, grid, x, seeds, *, progress, traj, clip_denoised,
     x0_prev = None
     for j in _steps(grid, "dpm++2m", progress):
         t = model_t[j].expand(B)
-        x0, _ = _clean_prediction(schedule, x, t, _call(model, x, t), prediction, clip_denoised)
+        x0, _ = clean_prediction(schedule, x, t, call_model(model, x, t), prediction, clip_denoised)
         if j == len(grid) - 1:
             x = x0  # first-order step to sigma = 0: x = x0_pred.
         elif x0_prev is None:

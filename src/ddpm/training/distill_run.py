@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import DistillConfig, TrainConfig, build_model
+from ..core.device import pick_device
 from ..errors import UserError
 from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_state, restore_training_state, \
     save_checkpoint
@@ -71,7 +72,7 @@ def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = Non
     checkpoints without ``resume``. ``stop_at`` stops (with a checkpoint) after that many
     iterations in all, as a signal would, but returns ``out`` instead of raising.
     """
-    device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     teacher_run = _finished_run(Path(teacher), device)
     config, plan = _student_config(teacher_run, Path(teacher), steps, teacher_steps, iters_per_round, batch_size,
                                    lr, seed, max_minutes, ckpt_every, log_every)

@@ -14,17 +14,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
-from ..errors import UserError
+from ..core.device import pick_device
 from ..io.checkpoint import latest_verified_checkpoint
 
 
 def init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, we_initialised) from torchrun's environment variables."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = config.train.device
-    use_cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    use_cuda = pick_device(config.train.device).type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
