@@ -34,6 +34,7 @@ from ..core.device import model_device, pick_device
 from ..core.nll import nll_bpd
 from ..data.sources import open_source, toy_log_density, toy_sample
 from ..errors import UserError
+from ..io.files import atomic_write_text
 from ..sampling.batches import SamplerSettings, sample_batches
 from . import fid as _fid
 from .viz import to_uint8
@@ -65,10 +66,7 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     """Write ``report`` as indented JSON (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(report), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ when a network is built, with a clear message when it is missing.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..io.files import sha256_file
+from ..io.files import atomic_write, sha256_file
 from .viz import to_uint8
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -282,11 +283,9 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, *, fe
     if features is not None and len(features):
         arrays["features"] = features.numpy().astype(np.float32)
     arrays.update({f"meta_{k}": np.asarray(str(v)) for k, v in meta.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write(path, buffer.getvalue())
 
 
 def load_stats(path: str | os.PathLike) -> dict:

@@ -26,6 +26,7 @@ damaged. Weights with NaN/Inf are neither saved nor loaded. Loading a run for sa
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -45,14 +46,12 @@ from ..errors import UserError, first_line
 from .files import (
     MANIFEST,
     RESOURCE_ERRNOS,
+    atomic_folder,
     atomic_write_text,
-    fsync_dir,
     manifest_text,
     retire,
     sweep_temporaries,
-    temp_name,
     verify,
-    write_durable,
 )
 from .state import check_state
 
@@ -172,19 +171,9 @@ def save_checkpoint(
 
 
 def _publish(run_dir: Path, final: Path, step: int, blobs: dict[str, bytes]) -> None:
-    tmp = run_dir / temp_name(final.name)
-    os.mkdir(tmp, 0o777)  # the umask applies, as to every file below
-    try:
-        digests = {name: (len(data), write_durable(tmp / name, data)) for name, data in blobs.items()}
-        write_durable(tmp / MANIFEST, manifest_text(step, digests).encode())
-        fsync_dir(tmp)
-        if final.exists():  # a damaged or incomplete folder of this step: the new one replaces it
-            retire(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(run_dir)
+    # A damaged or incomplete folder of this step is replaced; the manifest is written last.
+    digests = {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in blobs.items()}
+    atomic_folder(final, {**blobs, MANIFEST: manifest_text(step, digests).encode()})
 
 
 def _sweep(run_dir: Path, step: int) -> None:

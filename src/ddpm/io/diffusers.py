@@ -42,15 +42,12 @@ cosine with another offset, a rescaled schedule), prediction, variance and clipp
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..config import DataConfig, DiffusionConfig, SampleConfig, TrainConfig
 from ..core.diffusion import VARIANCES
@@ -59,6 +56,7 @@ from ..errors import UserError, first_line
 from ..nets.convert import convert_diffusers_state_dict, diffusers_state_and_config
 from ..nets.unet import UNet
 from .checkpoint import read_weights
+from .files import atomic_folder
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The diffusers release whose file format this module writes (every key below exists there).
@@ -346,21 +344,11 @@ def write_pipeline(model, diffusion, schedule, out: Path) -> Path:
     unet = unet2d_config(model.config)
     scheduler = scheduler_config(diffusion, schedule)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        for sub in ("unet", "scheduler"):
-            (tmp / sub).mkdir()
-        index = {"_class_name": "DDPMPipeline", "_diffusers_version": FORMAT_VERSION,
-                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-        for file, data in (("model_index.json", index), ("unet/config.json", unet),
-                           ("scheduler/scheduler_config.json", scheduler)):
-            (tmp / file).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        weights = to_diffusers_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        save_file(weights, str(tmp / "unet" / WEIGHT_FILES[0]), metadata={"format": "pt"})
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": FORMAT_VERSION,
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    files = {name: (json.dumps(data, indent=2) + "\n").encode("utf-8") for name, data in (
+        ("model_index.json", index), ("unet/config.json", unet), ("scheduler/scheduler_config.json", scheduler))}
+    weights = to_diffusers_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    files[f"unet/{WEIGHT_FILES[0]}"] = safetensors_bytes(weights, metadata={"format": "pt"})
+    atomic_folder(out, files)  # an empty ``out`` is replaced
     return out

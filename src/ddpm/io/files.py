@@ -5,9 +5,11 @@
   naming the holder's pid. The kernel drops a flock when its process dies, so the lock file a
   killed run leaves behind blocks nobody; the file itself is never deleted (unlinking a lock
   file lets a waiter lock an orphaned inode while a newcomer locks a fresh one).
-- ``write_durable``/``atomic_write_text``: files are written with ``os.open(..., 0o666)`` (the
-  kernel applies the user's umask, as ``open()`` in any other tool does), flushed and fsync'ed;
-  ``atomic_write_text`` writes a temporary file and renames it over the target.
+- ``write_durable``/``atomic_write``/``atomic_folder``: the one way this package writes a file.
+  Files are written with ``os.open(..., 0o666)`` (the kernel applies the user's umask, as
+  ``open()`` in any other tool does), flushed and fsync'ed; ``atomic_write`` (and
+  ``atomic_write_text``) writes a temporary file and renames it over the target, ``atomic_folder``
+  writes a whole folder under a temporary name and renames it into place.
 - Manifests: a checkpoint folder carries ``manifest.json`` with the size and SHA-256 of each of
   its files, computed from the bytes handed to the disk and written before the rename that
   publishes the folder; ``verify`` re-hashes the files and names the first one that differs.
@@ -31,7 +33,9 @@ from ..errors import UserError
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 _OWNED_RE = re.compile(r"^\.(?:tmp|del)-(\d+)-[0-9a-f]+-")
-_LEGACY_RE = re.compile(r"^\.tmp-ckpt-|^\.config\.json\.")  # mkdtemp/mkstemp names of earlier versions
+# Other temporary names a run directory may hold: tempfile's mkdtemp/mkstemp names for a checkpoint
+# folder or config.json, which a run written by ddpm 0.0.x can hold; swept like ours.
+_FOREIGN_RE = re.compile(r"^\.tmp-ckpt-|^\.config\.json\.")
 # errno values that mean "this machine's resources or permissions", reported as one line.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
                    errno.ENOTDIR}
@@ -61,7 +65,7 @@ def sweep_temporaries(run_dir: Path) -> None:
             pid = int(m.group(1))
             if pid != os.getpid() and _pid_alive(pid):
                 continue
-        elif not _LEGACY_RE.match(p.name):
+        elif not _FOREIGN_RE.match(p.name):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -109,17 +113,48 @@ def write_durable(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename: a
+    reader sees the old file or the new one, never a part."""
     path = Path(path)
     tmp = path.with_name(temp_name(path.name))
     try:
-        write_durable(tmp, text.encode("utf-8"))
+        write_durable(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write`` of ``text`` in UTF-8."""
+    return atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_folder(final: Path, files: dict[str, bytes]) -> dict[str, tuple[int, str]]:
+    """Publish the folder ``final`` holding ``files`` (relative path -> bytes, written in that
+    order): written and fsync'ed under a temporary name beside it, then renamed into place, an
+    existing ``final`` retired first. Returns each file's (size, SHA-256)."""
+    final = Path(final)
+    tmp = final.with_name(temp_name(final.name))
+    os.mkdir(tmp, 0o777)  # the umask applies, as to every file below
+    try:
+        digests = {}
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            digests[name] = (len(data), write_durable(tmp / name, data))
+        for folder in {(tmp / name).parent for name in files}:
+            fsync_dir(folder)
+        if final.exists():
+            retire(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+    return digests
 
 
 # -- checksums ----------------------------------------------------------------------------------
