@@ -156,7 +156,7 @@ def count_model_flops(models: dict, device: torch.device) -> dict:
 
 def same_function(models: dict, device: torch.device) -> str:
     """Evidence that both sides hold the same network: their outputs on one batch (eval mode)."""
-    from ddpm.nets.unet_config import PRESETS
+    from ddpm.nets.unet_config import UNET_PRESETS
 
     x = torch.randn(2, 3, 32, 32, device=device)
     t = torch.tensor([10, 900], device=device)
@@ -165,7 +165,7 @@ def same_function(models: dict, device: torch.device) -> str:
     for m in models.values():
         m.cpu().train()
     err = ((out["ours"] - out["diffusers"]).norm() / out["diffusers"].norm()).item()
-    preset = models["ours"].config == PRESETS["cifar10"]
+    preset = models["ours"].config == UNET_PRESETS["cifar10"]
     return f"relative difference of the outputs {err:.1e} (float32); ours equals UNet.from_preset('cifar10'): {preset}"
 
 

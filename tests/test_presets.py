@@ -46,7 +46,7 @@ def test_network_preset_is_the_run_preset_network(name):
 
 
 def test_network_only_presets_are_not_run_presets():
-    assert set(unet_module.PRESETS) - set(PRESETS) == {"celebahq256"}
+    assert set(unet_module.UNET_PRESETS) - set(PRESETS) == {"celebahq256"}
 
 
 @pytest.mark.parametrize("name", ["mnist", "tiny"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddpm.nets.unet import UNet, UNetConfig, timestep_embedding, timestep_frequencies
-from ddpm.nets.unet_config import PRESETS, preset_config
+from ddpm.nets.unet_config import UNET_PRESETS, preset_config
 
 # A 3-channel 16x16 network with attention at 8x8 and in the middle, every part of the
 # architecture at a size where a forward pass takes milliseconds. Spelled out rather than taken
@@ -137,14 +137,14 @@ def test_config_validation(overrides, match):
 
 
 def test_presets_and_config_round_trip():
-    with pytest.raises(ValueError, match=re.escape(f"unknown UNet preset 'imagenet'; allowed: {sorted(PRESETS)}")):
+    with pytest.raises(ValueError, match=re.escape(f"unknown UNet preset 'imagenet'; allowed: {sorted(UNET_PRESETS)}")):
         UNet.from_preset("imagenet")
     # JSON turns tuples into lists; the run config (which rebuilds model configs) takes them back.
     from ddpm.config import TrainConfig
 
-    saved = json.loads(TrainConfig(model=PRESETS["cifar10"]).to_json())
+    saved = json.loads(TrainConfig(model=UNET_PRESETS["cifar10"]).to_json())
     assert saved["model"]["ch_mult"] == [1, 2, 2, 2]
-    assert TrainConfig.from_dict(saved).model == PRESETS["cifar10"]
+    assert TrainConfig.from_dict(saved).model == UNET_PRESETS["cifar10"]
     # A new image size keeps attention at the same level; a new in_channels carries out_channels.
     c = preset_config("cifar10", image_size=64, in_channels=1)
     assert c.attn_resolutions == (32,) and c.out_channels == 1

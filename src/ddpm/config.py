@@ -29,7 +29,6 @@ from .sampling.samplers import SAMPLERS
 # The choices of the ``Literal[...]`` fields below are the tuples of the modules that implement
 # them, so a new schedule, prediction, variance or sampler is accepted here the day it is added.
 AMP_CHOICES = ("auto", *AMP_MODES)
-SAMPLER_NAMES = SAMPLERS  # deprecated alias: use ddpm.sampling.samplers.SAMPLERS
 
 
 def _check_literals(obj: Any) -> None:
@@ -145,7 +144,7 @@ class LoopConfig:
     # null label, so that one network learns the conditional and the unconditional model; read only
     # by class-conditional runs (model.num_classes)
     cond_drop_prob: float = 0.1
-    # autoguidance (Karras et al. 2024): at this share of the run's progress (ddpm.training.budget.progress)
+    # autoguidance (Karras et al. 2024): at this share of the run's progress (ddpm.training.budget.schedule_progress)
     # the EMA weights are kept as the guide, saved in every later checkpoint (guide.safetensors)
     # and used by samples with sample.autoguidance != 1; None = no guide
     guide_at: Optional[float] = None
@@ -330,7 +329,7 @@ class TrainConfig:
 def _check_conditioning(config: TrainConfig) -> None:
     """Guidance and class names need a class-conditional network (``model.num_classes`` = K): a run
     names its K classes or none, and an unconditional one has nothing to guide."""
-    K, names = getattr(config.model, "num_classes", None), config.data.class_names
+    K, names = config.model.num_classes, config.data.class_names
     _require(K is not None or config.sample.guidance == 1.0,
              f"sample.guidance {config.sample.guidance} needs a class-conditional model (model.num_classes, "
              f"--classes); this one is unconditional")

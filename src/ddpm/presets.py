@@ -5,7 +5,7 @@ Layers of a resolved config, later ones winning::
     preset (mnist, cifar10, toy2d, tiny, mnist-learned, mnist-cond)  <-  config file (TOML / YAML / JSON)  <-  flags
 
 Each recipe is a small function in :data:`RECIPES` returning a fresh ``TrainConfig``. The U-Net
-recipes take their network from ``ddpm.nets.unet_config.PRESETS`` under the same name, so
+recipes take their network from ``ddpm.nets.unet_config.UNET_PRESETS`` under the same name, so
 ``UNet.from_preset(name)`` is the network that ``ddpm train --preset name`` trains. The schema
 itself (``TrainConfig`` and one dataclass per concern) lives in ``ddpm.config``.
 """

@@ -146,7 +146,7 @@ def cmd_fid(args) -> int:
     import numpy as np
 
     from ..evaluation import fid as _fid
-    from ..evaluation.evaluate import check_reference, compute_fid, is_run, run_dir_of, write_report
+    from ..evaluation.evaluate import check_reference, compute_fid, is_run, run_dir_of, write_eval_report
     from ..evaluation.viz import to_uint8
 
     src = Path(args.source)
@@ -185,7 +185,7 @@ def cmd_fid(args) -> int:
                          batch_size=args.inception_batch_size or args.batch_size, device=device, cache=args.cache_dir,
                          use_cache=not args.no_cache, isc=not args.no_is, kid=not args.no_kid, progress=args.progress)
     report.update(extra)
-    path = write_report(args.out or default_out, report)
+    path = write_eval_report(args.out or default_out, report)
     parts = [f"FID {report['fid']:.3f}"]
     if "is_mean" in report:
         parts.append(f"IS {report['is_mean']:.2f} +- {report['is_std']:.2f}")
@@ -203,7 +203,7 @@ def cmd_nll(args) -> int:
 
     from ..core.nll import nll_bpd
     from ..data.sources import check_toy, open_source, toy_sample
-    from ..evaluation.evaluate import run_dir_of, write_report
+    from ..evaluation.evaluate import run_dir_of, write_eval_report
 
     if args.timesteps != "all" and not args.timesteps.isdigit():
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
@@ -235,7 +235,7 @@ def cmd_nll(args) -> int:
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
               "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
     name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}{_variance_tag(args)}.json"
-    path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
+    path = write_eval_report(args.out or run_dir_of(run) / "eval" / name, report)
     _print_report(path, f"NLL <= {out['bpd']:.4f} +- {out['stderr']:.4f} bits/dim ({out['estimate']}, "
                         f"{out['num_examples']} items; prior {out['prior_bpd']:.5f}, decoder {out['decoder_bpd']:.4f})")
     return 0
@@ -243,7 +243,7 @@ def cmd_nll(args) -> int:
 
 def cmd_toy(args) -> int:
     from ..data.sources import check_toy
-    from ..evaluation.evaluate import run_dir_of, toy_metrics, write_report
+    from ..evaluation.evaluate import run_dir_of, toy_metrics, write_eval_report
 
     run, device = load_run(args.run, args)
     spec = data_spec(args, run)
@@ -254,7 +254,7 @@ def cmd_toy(args) -> int:
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
     report.update({**_run_fields(args, args.run, run, settings), **_cond_fields(args, cond)})
     name = f"toy-{settings.sampler}-{settings.steps}{_variance_tag(args)}{_cond_tag(args, cond)}-n{cond.num}.json"
-    path = write_report(args.out or run_dir_of(run) / "eval" / name, report)
+    path = write_eval_report(args.out or run_dir_of(run) / "eval" / name, report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "
             f"MMD^2 {report['mmd_rbf']:.5f} (truth vs truth {base['mmd_rbf']:.5f})")

@@ -160,9 +160,9 @@ def _json_value(text: str):
 def _classes_in_data(config) -> int:
     """--classes auto: the number of classes of the run's data (a one-line error if it has no labels)."""
     from ..data.sources import require_labels
-    from ..training.data import open_data  # the data exactly as the run will open it
+    from ..training.data import open_training_data  # the data exactly as the run will open it
 
-    return require_labels(open_data(config), "--classes auto")
+    return require_labels(open_training_data(config), "--classes auto")
 
 
 def _size_model_to_data(config, overrides: dict):

@@ -62,8 +62,8 @@ def split_output(output: torch.Tensor, x_shape: torch.Size | tuple, variance: st
     """A network output -> (prediction (B, C, ...), variance values v (B, C, ...) or None).
 
     With ``variance="learned_range"`` the output is (B, 2C, ...): the first C channels are the
-    prediction (eps, x0 or v), the last C the interpolation v in [-1, 1] of eq. 15 (the channel
-    order of ../shared/DESIGN.md and improved-diffusion). Otherwise it must have x's shape.
+    prediction (eps, x0 or v), the last C the interpolation v in [-1, 1] of eq. 15 (improved-diffusion's
+    channel order, which diffusers' learned-variance models share). Otherwise it must have x's shape.
     """
     x_shape = tuple(x_shape)
     got = tuple(output.shape)

@@ -19,7 +19,7 @@ from ..errors import UserError
 from .labels import Labelled
 
 CHANNELS = (1, 3, 4)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what an image folder may hold (data, FID)
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as 1 channel when none is asked
 

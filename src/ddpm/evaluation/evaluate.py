@@ -62,7 +62,7 @@ def _jsonable(value):
     return value
 
 
-def write_report(path: str | os.PathLike, report: dict) -> Path:
+def write_eval_report(path: str | os.PathLike, report: dict) -> Path:
     """Write ``report`` as indented JSON (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.images import IMAGE_SUFFIXES
 from ..errors import UserError
 from ..io.files import atomic_write, sha256_file
 from .viz import to_uint8
@@ -308,9 +309,6 @@ def load_stats(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Image sources: uint8 (N, H, W, C) arrays, .npz files, image folders, datasets in [-1, 1]
 # ---------------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
 
 def list_images(directory: str | os.PathLike) -> list[Path]:
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -177,8 +177,8 @@ def _publish(run_dir: Path, final: Path, step: int, blobs: dict[str, bytes]) -> 
 
 
 def _sweep(run_dir: Path, step: int) -> None:
-    """Leftovers of killed processes; incomplete ``ckpt-*`` folders before ``step`` (a kill while
-    an earlier version deleted an old checkpoint file by file)."""
+    """Leftovers of killed processes, and ``ckpt-*`` folders before ``step`` that lack a file
+    (a folder deleted file by file by another tool, or by hand, is not a checkpoint)."""
     sweep_temporaries(run_dir)
     for p in run_dir.iterdir():
         m = CKPT_RE.match(p.name)

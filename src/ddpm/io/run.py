@@ -80,7 +80,7 @@ class LoadedRun:
     @property
     def num_classes(self) -> int | None:
         """K of a class-conditional model (labels 0..K-1; K is the null label), None if unconditional."""
-        return getattr(self.config.model, "num_classes", None)
+        return self.config.model.num_classes
 
     @property
     def class_names(self) -> tuple[str, ...] | None:

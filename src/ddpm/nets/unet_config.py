@@ -1,5 +1,5 @@
 """The architecture of a :class:`ddpm.nets.unet.UNet` as data: ``UNetConfig`` (validated at
-construction, saved in every checkpoint) and the named network presets (``PRESETS``).
+construction, saved in every checkpoint) and the named network presets (``UNET_PRESETS``).
 
 Plain dataclasses, no torch: a run's config (``ddpm.config``) and the data sources can describe
 and check a network without building one. The network itself is ``ddpm.nets.unet``.
@@ -125,7 +125,7 @@ class UNetConfig:
 
 
 # The networks of the run presets of the same name (``ddpm.presets``), and the paper's 256x256 one.
-PRESETS: dict[str, UNetConfig] = {
+UNET_PRESETS: dict[str, UNetConfig] = {
     # The paper's CIFAR-10 model: 35.7M parameters, dropout 0.1.
     "cifar10": UNetConfig(3, 3, 32, 128, (1, 2, 2, 2), 2, (16,), 0.1),
     # The paper's CelebA-HQ / LSUN 256x256 model: about 114M parameters (dropout 0 there).
@@ -150,10 +150,10 @@ def attn_at_same_levels(config: UNetConfig, image_size) -> tuple[int, ...]:
 
 
 def preset_config(name: str, **overrides) -> UNetConfig:
-    """The :data:`PRESETS` entry ``name`` with fields replaced by ``overrides`` (validated)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown UNet preset {name!r}; allowed: {sorted(PRESETS)}")
-    base = PRESETS[name]
+    """The :data:`UNET_PRESETS` entry ``name`` with fields replaced by ``overrides`` (validated)."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; allowed: {sorted(UNET_PRESETS)}")
+    base = UNET_PRESETS[name]
     known = {f.name for f in fields(UNetConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["CpuThreads", "TimeBudget", "lr_at", "progress", "step_progress"]
+__all__ = ["CpuThreads", "TimeBudget", "lr_at", "schedule_progress", "step_progress"]
 
 
 class TimeBudget:
@@ -76,20 +76,20 @@ def step_progress(config, step: int) -> float:
     return min(1.0, max(0.0, (step - o.warmup) / max(1, steps - o.warmup)))
 
 
-def progress(config, step: int, time_fraction: float = 0.0) -> float:
+def schedule_progress(config, step: int, time_fraction: float = 0.0) -> float:
     """The schedule's progress: the larger of the step share and the budget share, at most 1."""
     return min(1.0, max(step_progress(config, step), time_fraction))
 
 
 def lr_at(config, step: int, time_fraction: float = 0.0) -> float:
     """Linear warm-up over ``optim.warmup`` steps, then constant or cosine decay to
-    ``min_lr_ratio * lr`` over ``progress``."""
+    ``min_lr_ratio * lr`` over ``schedule_progress``."""
     o = config.optim
     if o.warmup and step < o.warmup:
         return o.lr * (step + 1) / o.warmup
     if o.decay == "constant":
         return o.lr
-    p = progress(config, step, time_fraction)
+    p = schedule_progress(config, step, time_fraction)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainConfig, item_shape
-from ..data.sources import open_data as open_configured
-from ..data.sources import require_labels
+from ..data.sources import open_data, require_labels
 from ..errors import UserError
 
 
-def open_data(config: TrainConfig):
-
-    dataset = open_configured(config.data)  # every DataConfig field (incl. hf: image/label columns)
+def open_training_data(config: TrainConfig):
+    """``config.data`` opened (``ddpm.data.sources.open_data``) and checked against ``config.model``."""
+    dataset = open_data(config.data)  # every DataConfig field (incl. hf: image/label columns)
     want = item_shape(config)
     if tuple(dataset.shape) != want:
         raise UserError(f"data {config.data.source!r} has items of shape {tuple(dataset.shape)} but the model "
                         f"expects {want}; set data.image_size/data.channels or the model's size")
-    num_classes = getattr(config.model, "num_classes", None)
+    num_classes = config.model.num_classes
     if num_classes is not None:
 
         found = require_labels(dataset, "a class-conditional run (model.num_classes)")
@@ -34,7 +33,7 @@ def with_class_names(config: TrainConfig, dataset) -> TrainConfig:
     """A conditional run records its data's class names (data.class_names) in its config, so that
     sampling by name works from the run alone; resuming on data with other names is refused."""
     names = getattr(dataset, "class_names", None)
-    if getattr(config.model, "num_classes", None) is None or not names:
+    if config.model.num_classes is None or not names:
         return config
     saved = config.data.class_names
     if saved is not None and tuple(saved) != tuple(names):

@@ -95,7 +95,7 @@ def round_steps(teacher_steps: int, steps: int) -> list[int]:
 
 def round_lr(lr: float, it: int, iters: int, time_fraction: float = 0.0) -> float:
     """Linear decay from ``lr`` to 0 over a round, by iterations or by the round's share of a time
-    budget, whichever is further (as ``ddpm.training.budget.progress``)."""
+    budget, whichever is further (as ``ddpm.training.budget.schedule_progress``)."""
     return lr * (1.0 - min(1.0, max(it / iters, time_fraction)))
 
 

@@ -38,7 +38,7 @@ from ..io.run import LoadedRun, load
 from ..sampling.guidance import autoguided_model, guided_model
 from . import guards
 from .budget import TimeBudget
-from .data import get_batch, open_data
+from .data import get_batch, open_training_data
 from .distill import (STUDENT_PREDICTION, _round_bar, check_steps, distill_loss, frozen_copy, iteration_seed,
                       round_lr, round_steps)
 from .distributed import rng_states
@@ -165,9 +165,9 @@ def _teacher_model(run: LoadedRun):
 def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Path, resume: bool, progress: bool,
           stop_at: int | None, device: torch.device, stack: contextlib.ExitStack) -> Path:
     c, d = config.train, config.distill
-    dataset = open_data(teacher_run.config)
+    dataset = open_training_data(teacher_run.config)
     stream = IndexStream(len(dataset), c.batch_size, c.seed)
-    num_classes = getattr(config.model, "num_classes", None)
+    num_classes = config.model.num_classes
     schedule = config.diffusion.make_schedule().to(device)
     student = build_model(config.model).to(device)
     student.load_state_dict(teacher_run.model.state_dict())  # round 1 starts from the teacher's weights

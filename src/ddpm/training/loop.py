@@ -72,8 +72,8 @@ from ..io.checkpoint import latest_checkpoint, list_checkpoints, read_guide, res
 from ..io.files import RunLock, atomic_write_text, sweep_temporaries
 from ..nets import fast
 from . import guards, optim
-from .budget import CpuThreads, TimeBudget, lr_at, progress
-from .data import get_batch, open_data, with_class_names
+from .budget import CpuThreads, TimeBudget, lr_at, schedule_progress
+from .data import get_batch, open_training_data, with_class_names
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .previews import preview_kwargs, save_preview
 from .runlog import RunLog
@@ -122,7 +122,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
             stop = _should_stop(r, signals[0], at_log)  # "time", a signal number or None
-            p = progress(config, r.step, r.time_fraction)
+            p = schedule_progress(config, r.step, r.time_fraction)
             if at_log or stop is not None:  # the last record holds the step and progress reached
                 threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
@@ -210,11 +210,11 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     if device.type == "cpu":
         accel.keep_freed_memory()  # ~11% faster CPU steps (fewer page faults); see its docstring
 
-    dataset = open_data(config)
+    dataset = open_training_data(config)
     config = with_class_names(config, dataset)
     stream = IndexStream(len(dataset), micro_global, c.seed)
     fetch = lambda idx: get_batch(dataset, idx)  # noqa: E731
-    if getattr(config.model, "num_classes", None) is not None:  # labels travel with their images
+    if config.model.num_classes is not None:  # labels travel with their images
         fetch = lambda idx: (get_batch(dataset, idx), dataset.get_batch_labels(idx))  # noqa: E731
     loader = stack.enter_context(Prefetcher(lambda j: stream.batch(j)[rank * micro_local:(rank + 1) * micro_local],
                                             fetch, device, workers=c.num_workers))
@@ -295,7 +295,7 @@ def _optimizer_step(r: _Run, lr: float, log: RunLog) -> torch.Tensor:
         t_all = torch.randint(0, r.schedule.num_timesteps, (c.batch_size,), device=r.device, generator=r.noise_gen)
     eps_all = torch.randn((c.batch_size, *shape), device=r.device, generator=r.noise_gen)
     flip_all = torch.rand(c.batch_size, device=r.device, generator=r.noise_gen) < 0.5
-    num_classes = getattr(config.model, "num_classes", None)
+    num_classes = config.model.num_classes
     if num_classes is not None:
         # Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1): a label is replaced
         # by the null label with probability cond_drop_prob. Drawn after t, eps and flip, so that

@@ -32,7 +32,7 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
 
     s, shape = config.sample, item_shape(config)
     n = s.num if len(shape) == 1 else min(s.num, 64)
-    num_classes, per_class, cond = getattr(config.model, "num_classes", None), None, {}
+    num_classes, per_class, cond = config.model.num_classes, None, {}
     if num_classes is not None:
         # One row per class (the first n classes if there are more), guided by sample.guidance:
         # sample i has label i // per_class, as `ddpm sample RUN --class all` draws them.
