@@ -108,7 +108,8 @@ def sample_kwargs(steps: int) -> dict:
 def _call(model, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
     out = model(x, t) if labels is None else model(x, t, labels)
     doubled = out.ndim == x.ndim > 1 and out.shape[1] == 2 * x.shape[1]  # a learned variance: not used by DDIM
-    return split_output(out, x.shape, "learned_range" if doubled else "fixed_small")[0]
+    # Under autocast the output is half precision: the DDIM arithmetic and the loss stay in x's dtype.
+    return split_output(out, x.shape, "learned_range" if doubled else "fixed_small")[0].to(x.dtype)
 
 
 def _ddim_step(schedule, model, z, t, ab_next, labels, prediction, clip):

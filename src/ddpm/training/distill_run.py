@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import DistillConfig, TrainConfig, build_model
-from ..core.device import pick_device
+from ..core.device import autocast, pick_device, resolve_amp
 from ..errors import UserError
 from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_state, restore_training_state, \
     save_checkpoint
@@ -169,6 +169,7 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
     stream = IndexStream(len(dataset), c.batch_size, c.seed)
     num_classes = config.model.num_classes
     schedule = config.diffusion.make_schedule().to(device)
+    amp = resolve_amp(c.amp, device)
     student = build_model(config.model).to(device)
     student.load_state_dict(teacher_run.model.state_dict())  # round 1 starts from the teacher's weights
     teacher, r, it, k, round_s = _teacher_model(teacher_run), 0, 0, 0, 0.0
@@ -217,9 +218,11 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
                 drop_gen.manual_seed(iteration_seed(c.seed + 7919, k))
                 drop = torch.rand(labels.shape, device=device, generator=drop_gen) < c.cond_drop_prob
                 labels = torch.where(drop, num_classes, labels)
-            loss = distill_loss(student, teacher, schedule, x, n, generator=gen, labels=labels,
-                                teacher_prediction=teacher_run.config.diffusion.prediction if r == 0 else STUDENT_PREDICTION,
-                                teacher_clip=teacher_run.config.diffusion.clip_denoised if r == 0 else False)
+            with autocast(device, amp):  # the teacher run's train.amp: bf16 on a CPU that has it
+                loss = distill_loss(student, teacher, schedule, x, n, generator=gen, labels=labels,
+                                    teacher_prediction=teacher_run.config.diffusion.prediction if r == 0
+                                    else STUDENT_PREDICTION,
+                                    teacher_clip=teacher_run.config.diffusion.clip_denoised if r == 0 else False)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.optim.grad_clip or math.inf)
