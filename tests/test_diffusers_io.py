@@ -306,3 +306,52 @@ def test_export_refusals_and_cli(tmp_path, capsys):
     x, t = x_T(4), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(back.model(x, t), online(x, t))
+
+
+def make_distilled_run(tmp_path, steps: int, timesteps: int = 1000):
+    """A run directory as ``ddpm distill`` writes one: v-prediction, unclipped, ``steps`` DDIM steps."""
+    from ddpm.config import DistillConfig
+
+    diffusion = DiffusionConfig(schedule="cosine", prediction="v", clip_denoised=False, timesteps=timesteps)
+    config = TrainConfig(model=SMALL, diffusion=diffusion, distill=DistillConfig(
+        teacher="runs/teacher", teacher_checkpoint="runs/teacher/ckpt-0000010/ema.safetensors", teacher_steps=2 * steps,
+        steps=steps, iters_per_round=10))
+    model, ema = randomized(UNet(SMALL), seed=1), randomized(UNet(SMALL), seed=2)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run", 7, model, ema, {"step": 7}, config)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_distilled_run_exports_as_the_ddim_pipeline_of_its_steps(tmp_path, steps, capsys):
+    run_dir = make_distilled_run(tmp_path, steps)
+    assert main(["export", str(run_dir), str(tmp_path / "out")]) == 0
+    assert "DDIMPipeline" in capsys.readouterr().out
+    run = ddpm.load(run_dir, fast=False)
+    pipe = diffusers.DDIMPipeline.from_pretrained(tmp_path / "out")
+    scheduler = pipe.scheduler
+    assert isinstance(scheduler, diffusers.DDIMScheduler)
+    scheduler.set_timesteps(steps)
+    assert torch.equal(scheduler.timesteps, timestep_grid(1000, steps, "trailing"))
+    # The whole pipeline call, from its own noise, against ddpm.sample from the same x_T.
+    images = pipe(batch_size=2, num_inference_steps=steps, eta=0.0, output_type="np",
+                  generator=torch.Generator().manual_seed(3)).images
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # what the pipeline draws on CPU
+    with torch.no_grad():
+        ours = ddpm.sample(run.model, run.schedule, (2, 3, 16, 16), x_T=x, **run.sample_kwargs,
+                           sampler="ddim", steps=steps, eta=0.0)
+    theirs = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # the pipeline's [0, 1] HWC output
+    assert_close(ours.clamp(-1, 1), theirs, 1e-4)
+    # The negative control: the grid is what matches; diffusers' default "leading" spacing does not.
+    pipe.scheduler = diffusers.DDIMScheduler.from_config({**scheduler.config, "timestep_spacing": "leading"})
+    leading = pipe(batch_size=2, num_inference_steps=steps, eta=0.0, output_type="np",
+                   generator=torch.Generator().manual_seed(3)).images
+    assert (torch.from_numpy(leading).permute(0, 3, 1, 2) * 2 - 1 - theirs).abs().max() > 0.05
+
+
+def test_distilled_run_off_diffusers_grid_is_refused(tmp_path, capsys):
+    run_dir = make_distilled_run(tmp_path, 4, timesteps=1002)  # diffusers steps by 1002 // 4 = 250, we by 250.5
+    assert main(["export", str(run_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "T=1002 is not a multiple of 4" in err
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,12 @@ Out (``export_diffusers``, ``ddpm export RUN --format diffusers OUT``): the same
 ``DDPMPipeline.from_pretrained(OUT)`` loads: the EMA weights, the schedule by name where
 diffusers has the same formula and as ``trained_betas`` otherwise (the seed's ``sqrt``, a
 cosine with another offset, a rescaled schedule), prediction, variance and clipping.
+
+A distilled run (``ddpm distill``) exports as a ``DDIMPipeline`` instead: its DDIMScheduler has
+``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, v-prediction and no clipping, and
+``pipe(num_inference_steps=N, eta=0.0)`` then takes exactly the student's N deterministic steps.
+diffusers steps from t to t - T // N, so this holds where T is a multiple of N (checked against
+the run's grid; otherwise the export is refused with one line).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from ..core.schedules import NoiseSchedule, make_beta_schedule
 from ..errors import UserError, first_line
 from ..nets.convert import convert_diffusers_state_dict, diffusers_state_and_config
 from ..nets.unet import UNet
+from ..sampling.grids import timestep_grid
 from .checkpoint import read_weights
 from .files import atomic_folder
 
@@ -337,15 +344,37 @@ def scheduler_config(diffusion, schedule) -> dict:
     }
 
 
-def write_pipeline(model, diffusion, schedule, out: Path) -> Path:
+def ddim_scheduler_config(diffusion, schedule, steps: int) -> dict:
+    """The DDIMScheduler config under which ``DDIMPipeline(num_inference_steps=steps, eta=0)`` takes
+    the steps of a distilled run: the "trailing" grid, then x0 (``set_alpha_to_one``)."""
+    T = schedule.num_timesteps
+    ours = timestep_grid(T, steps, "trailing").tolist() + [-1]
+    # DDIMScheduler.set_timesteps("trailing") and its step(): from t to t - T // N; -1 is x0.
+    visited = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1).tolist()
+    if visited[:1] + [t - T // steps for t in visited] != ours:
+        raise UserError(f"diffusers' DDIMScheduler steps by T // N = {T // steps}, which misses this run's {steps}-step "
+                        f"grid {ours[:-1]} (T={T} is not a multiple of {steps}); sample it with `ddpm sample`")
+    base = scheduler_config(diffusion, schedule)
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
+            "prediction_type", "thresholding", "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value",
+            "rescale_betas_zero_snr")
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": FORMAT_VERSION, **{k: base[k] for k in keep},
+            "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
+
+
+def write_pipeline(model, diffusion, schedule, out: Path, *, distilled_steps: int | None = None) -> Path:
     """Write ``model`` (a ``UNet``) with its schedule as a DDPMPipeline directory ``out`` (which must
-    not exist or be empty): written in a temporary sibling and renamed into place, so a failed
-    export leaves nothing behind."""
+    not exist or be empty), or, with ``distilled_steps``, as the DDIMPipeline that samples it in
+    those steps: written in a temporary sibling and renamed into place, so a failed export leaves
+    nothing behind."""
     unet = unet2d_config(model.config)
-    scheduler = scheduler_config(diffusion, schedule)
+    if distilled_steps is None:
+        pipeline, scheduler = "DDPMPipeline", scheduler_config(diffusion, schedule)
+    else:
+        pipeline, scheduler = "DDIMPipeline", ddim_scheduler_config(diffusion, schedule, distilled_steps)
     out.parent.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": FORMAT_VERSION,
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    index = {"_class_name": pipeline, "_diffusers_version": FORMAT_VERSION,
+             "scheduler": ["diffusers", scheduler["_class_name"]], "unet": ["diffusers", "UNet2DModel"]}
     files = {name: (json.dumps(data, indent=2) + "\n").encode("utf-8") for name, data in (
         ("model_index.json", index), ("unet/config.json", unet), ("scheduler/scheduler_config.json", scheduler))}
     weights = to_diffusers_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -35,7 +35,7 @@ from .checkpoint import (
 from .diffusers import is_diffusers_dir, read_diffusers, write_pipeline
 from .files import verify
 
-__all__ = ["load", "LoadedRun", "resolve_weights_path"]
+__all__ = ["load", "LoadedRun", "resolve_weights_path", "read_config"]
 
 
 @dataclass
@@ -167,6 +167,12 @@ def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
     return run
 
 
+def read_config(path: str | Path, *, ema: bool = True) -> TrainConfig:
+    """The ``TrainConfig`` that ``load(path, ema=ema)`` would build its network from, without the weights."""
+    weights_path = resolve_weights_path(path, ema=ema)
+    return _stored_config(weights_path, read_header(weights_path)[0])
+
+
 def _stored_config(weights_path: Path, meta: dict[str, str]) -> TrainConfig:
     config_json = meta.get("ddpm_config")
     if config_json is None:
@@ -193,7 +199,8 @@ def load_diffusers(path: str | Path, *, device: str | torch.device = "cpu",
 
 
 def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> Path:
-    """Write the run (or checkpoint) at ``path`` as a DDPMPipeline directory ``out``.
+    """Write the run (or checkpoint) at ``path`` as a DDPMPipeline directory ``out`` (a distilled
+    run as the DDIMPipeline that takes its steps: ``ddpm.io.diffusers``).
 
     ``out`` must not exist or be empty; it is written in a temporary sibling and renamed into
     place, so a failed export leaves nothing behind. Returns ``out``.
@@ -204,4 +211,6 @@ def export_diffusers(path: str | Path, out: str | Path, *, ema: bool = True) -> 
     run = load(path, ema=ema)
     if not isinstance(run.model, UNet):
         raise UserError(f"{path}: a {type(run.model).__name__} has no diffusers equivalent (only U-Net runs export)")
-    return write_pipeline(run.model, run.config.diffusion, run.schedule, out)
+    distilled = run.config.distill
+    return write_pipeline(run.model, run.config.diffusion, run.schedule, out,
+                          distilled_steps=None if distilled is None else distilled.steps)
