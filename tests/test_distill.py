@@ -125,6 +125,23 @@ def test_bad_requests_write_nothing(teacher_run, tmp_path):
             distill_run(teacher_run, out=out, progress=False, **kw)
     with pytest.raises(UserError, match="not a run directory"):
         _distil(tmp_path, out)
+    # A run stopped early (no final.png, its newest checkpoint before train.steps), a learned-variance run.
+    import shutil
+
+    for edit, match in ((lambda c: c["train"].update(steps=40), "is not finished .*step 20 of 40"),
+                        (lambda c: (c["diffusion"].update(variance="learned_range"), c["model"].update(learn_sigma=True)),
+                         "learns its variances"),
+                        (lambda c: c["diffusion"].update(variance="learned_range"), "is not a valid run config")):
+        copy = tmp_path / "copy"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(teacher_run, copy)
+        (copy / "samples" / "final.png").unlink()
+        config = json.loads((copy / "config.json").read_text())
+        edit(config)
+        (copy / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UserError, match=match) as info:
+            _distil(copy, out)
+        assert "\n" not in str(info.value)
     assert not out.exists()
 
 

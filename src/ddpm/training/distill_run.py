@@ -30,7 +30,7 @@ import torch
 
 from ..config import DistillConfig, TrainConfig, build_model
 from ..core.device import autocast, pick_device, resolve_amp
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_state, restore_training_state, \
     save_checkpoint
 from ..io.files import RunLock, atomic_write_text, sweep_temporaries
@@ -89,11 +89,18 @@ def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = Non
         return _loop(config, plan, teacher_run, out, resume, progress, stop_at, device, stack)
 
 
+def _read_config(file: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or a value the config refuses
+        raise UserError(f"{file} is not a valid run config: {first_line(exc)}") from None
+
+
 def _finished_run(path: Path, device: torch.device) -> LoadedRun:
     if not (path / "config.json").is_file() or not list_checkpoints(path):
         raise UserError(f"{path} is not a run directory with a checkpoint (config.json and ckpt-NNNNNNN/): "
                         f"distil a run that `ddpm train` finished")
-    config = TrainConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    config = _read_config(path / "config.json")
     latest = latest_verified_checkpoint(path)
     step = int(latest.name.split("-")[1])
     if step < config.train.steps and not (path / "samples" / "final.png").is_file():
@@ -138,7 +145,7 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
 
 
 def _resumed_config(out: Path, config: TrainConfig) -> TrainConfig:
-    saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
+    saved = _read_config(out / "config.json")
     if saved.distill is None or dataclasses.replace(saved, train=config.train) != config:
         raise UserError(f"--resume: {out} holds another run or distillation than this command asks for "
                         f"(compare its config.json); resume it with the options it was started with")
