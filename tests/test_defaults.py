@@ -10,13 +10,14 @@ autocast state inside every module call.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import ddpm
 from ddpm.core import device as accel
 
 from ddpm.nets import fast as fastpaths
@@ -175,9 +176,11 @@ class _Recorder(nn.Module):
 
 def _fake_run(**attrs):
     from ddpm.core.schedules import NoiseSchedule
+    from ddpm.io.run import LoadedRun
 
-    return SimpleNamespace(model=_Recorder(), schedule=NoiseSchedule.from_name("linear", 20), shape=(2,),
-                           sample_kwargs={"clip_denoised": False}, **attrs)
+    return LoadedRun(model=_Recorder(), schedule=NoiseSchedule.from_name("linear", 20), shape=(2,),
+                     config=ddpm.get_preset("toy2d"), sample_kwargs={"clip_denoised": False}, path=Path("run"),
+                     step=None, **attrs)
 
 
 def test_sample_batches_uses_the_runs_mode_unless_told(native_bf16):

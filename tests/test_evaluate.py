@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from test_cli import expect_user_error
+
+import ddpm
 
 from ddpm.evaluation import evaluate
 from ddpm.cli.main import main
@@ -168,8 +171,15 @@ def test_toy_metrics_report():
 def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
     from ddpm.data.sources import open_source
 
+    def run_of(model, cfg, sample_kwargs):
+        from ddpm.io.run import LoadedRun
+
+        config = dataclasses.replace(ddpm.get_preset("toy2d"), eval=cfg)
+        return LoadedRun(model=model, schedule=schedule, config=config, shape=(2,), sample_kwargs=sample_kwargs,
+                         path=tmp_path, step=None)
+
     cfg = EvalConfig()
-    assert evaluate.periodic_eval(None, schedule, cfg, step=100, run_dir=tmp_path, shape=(2,), sample_kwargs={}) is None
+    assert evaluate.periodic_eval(run_of(torch.nn.Linear(2, 2), cfg, {}), step=100, run_dir=tmp_path) is None
     with pytest.raises(ValueError, match="periodic metric"):
         EvalConfig(metrics=("psnr",))
     data = open_source("toy:gaussian_mixture")
@@ -184,9 +194,8 @@ def test_periodic_eval_is_off_by_default_and_writes_jsonl(tmp_path, schedule):
 
     model = Model().train()
     cfg = EvalConfig(every=10, num=64, steps=5, nll_timesteps=4)
-    rec = evaluate.periodic_eval(model, schedule, cfg, step=20, run_dir=tmp_path, data=data, device="cpu",
-                                 shape=(2,), sample_kwargs={"prediction": "eps", "variance": "fixed_large",
-                                                "clip_denoised": False})
+    run = run_of(model, cfg, {"prediction": "eps", "variance": "fixed_large", "clip_denoised": False})
+    rec = evaluate.periodic_eval(run, step=20, run_dir=tmp_path, data=data, device="cpu")
     assert rec["step"] == 20 and {"toy", "nll"} <= set(rec) and model.training
     line = json.loads((tmp_path / "eval" / "periodic.jsonl").read_text().splitlines()[-1])
     assert line["toy"]["num_samples"] == 64 and math.isfinite(line["nll"]["bpd"])

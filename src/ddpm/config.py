@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .core.device import AMP_MODES
-from .core.diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS
+from .core.diffusion import OBJECTIVES, PREDICTIONS, VARIANCES, WEIGHTINGS, objective_problem, variance_channels_problem
 from .core.schedules import SCHEDULES, NoiseSchedule
 from .core.shapes import image_hw
 from .errors import UserError, first_line
@@ -78,13 +78,8 @@ class DiffusionConfig:
             "rescale_zero_terminal_snr needs prediction 'v' or 'x0' (eps cannot recover x0 at zero SNR)",
         )
         _require(self.vlb_weight >= 0, f"vlb_weight must be >= 0, got {self.vlb_weight}")
-        # L_vlb with a fixed variance is the DDPM paper's "true bound" ablation (its Table 2) and is
-        # allowed; the analytic variance exists only after training, so nothing could train it.
-        _require(not (self.objective == "vlb" and self.variance == "analytic"),
-                 "objective 'vlb' needs a variance to train with: analytic variances are estimated after training "
-                 "(ddpm analytic RUN); use variance learned_range (or fixed_small/fixed_large)")
-        _require(not (self.objective == "vlb" and self.weighting != "simple"),
-                 f"weighting {self.weighting!r} weights L_simple; objective 'vlb' needs weighting 'simple'")
+        problem = objective_problem(self.objective, self.variance, self.weighting)
+        _require(problem is None, problem)
 
     def make_schedule(self):
 
@@ -284,14 +279,8 @@ class TrainConfig:
     distill: Optional[DistillConfig] = None
 
     def __post_init__(self):
-        # The network's variance channels and the variance that reads them go together (eq. 15).
-        learn, variance = bool(getattr(self.model, "learn_sigma", False)), self.diffusion.variance
-        _require(learn or variance != "learned_range",
-                 "diffusion.variance 'learned_range' needs a network that outputs variances: set model.learn_sigma "
-                 "(--learn-sigma)")
-        _require(not learn or variance == "learned_range",
-                 f"model.learn_sigma outputs variances that only diffusion.variance 'learned_range' reads, not "
-                 f"{variance!r}; set both or neither")
+        problem = variance_channels_problem(self.model.learn_sigma, self.diffusion.variance, training=True)
+        _require(problem is None, problem)
         _check_conditioning(self)
 
     def to_dict(self) -> dict:

@@ -54,8 +54,8 @@ def cmd_analytic(args) -> int:
     data = open_source(spec, image_size=cfg.image_size, channels=cfg.channels)
     if tuple(data.shape) != tuple(run.shape):
         raise UserError(f"data {spec!r} has items of shape {tuple(data.shape)}, the model takes {tuple(run.shape)}")
-    learned = bool(getattr(run.config.model, "learn_sigma", False))
-    analytic = analytic_variance(PredictionChannels(run.model) if learned else run.model, run.schedule, data,
+    # Gamma_t replaces the network's own variances: a learned-variance network's channels are dropped.
+    analytic = analytic_variance(PredictionChannels(run.model) if run.config.model.learn_sigma else run.model, run.schedule, data,
                                  num=args.num, batch_size=args.batch_size, prediction=run.sample_kwargs["prediction"],
                                  data_range=None if spec.startswith("toy:") else (-1.0, 1.0),
                                  generator=torch.Generator().manual_seed(args.seed), device=device,

@@ -69,16 +69,17 @@ def apply_variance(run, variance: str | None, *, used: bool = True) -> None:
     """--variance: sample and bound ``run`` with this reverse variance (None: the run's own), set in
     ``run.sample_kwargs``. ``used``: whether the sampler reads it (ddim and dpm++2m do not, and need
     no analytic table). A one-line UserError when the run cannot provide the variance."""
+    from ..core.diffusion import variance_channels_problem
     from ..evaluation.evaluate import run_dir_of
     from ..io.checkpoint import read_analytic_variance
     from ..nets.wrappers import PredictionChannels
 
     kwargs = run.sample_kwargs
     variance = variance or kwargs["variance"]
-    learned = bool(getattr(run.config.model, "learn_sigma", False))
-    if variance == "learned_range" and not learned:
-        raise UserError("variance 'learned_range' needs a network that outputs variances (ddpm train --learn-sigma); "
-                        "this run's does not: use fixed_small, fixed_large or analytic")
+    learned = run.config.model.learn_sigma
+    problem = variance_channels_problem(learned, variance, training=False)
+    if problem is not None:
+        raise UserError(f"{problem}; this run's network has none: use fixed_small, fixed_large or analytic")
     if learned and variance != "learned_range" and not isinstance(run.model, PredictionChannels):
         run.model = PredictionChannels(run.model)
     if variance == "analytic" and used and "analytic" not in kwargs:

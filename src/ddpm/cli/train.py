@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
         if not eq:
             raise UserError(f"--set needs KEY=VALUE, got {item!r}")
         overrides[key.strip()] = _json_value(value)
-    # The variance channels and the variance that reads them go together: either flag sets both.
+    # In training the variance channels and learned_range go together (core.diffusion.variance_channels_problem):
+    # either flag sets both.
     variance = overrides.get("diffusion.variance")
     if variance is None and overrides.get("model.learn_sigma") is True:
         overrides["diffusion.variance"] = "learned_range"

@@ -38,6 +38,24 @@ OBJECTIVES = ("simple", "vlb")
 DECODERS = ("discretized", "continuous")
 
 
+def variance_channels_problem(learn_sigma: bool, variance: str, *, training: bool) -> str | None:
+    """The one rule between a network's variance channels (``learn_sigma``: it outputs eq. 15's v
+    beside its prediction) and the reverse variance, as a one-line problem or None.
+
+    ``learned_range`` reads the channels, so it needs a network that has them. In training the
+    rule also runs the other way, since nothing but ``learned_range`` trains the channels; a
+    learned-variance network sampled or bounded with another variance just has its channels
+    dropped (``ddpm.nets.wrappers.PredictionChannels``).
+    """
+    if variance == "learned_range" and not learn_sigma:
+        return ("diffusion.variance 'learned_range' needs a network that outputs variances: set model.learn_sigma "
+                "(ddpm train --learn-sigma)")
+    if training and learn_sigma and variance != "learned_range":
+        return (f"model.learn_sigma outputs variances that only diffusion.variance 'learned_range' reads, not "
+                f"{variance!r}; set both or neither")
+    return None
+
+
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     """Refuse an option outside its allowed values with a message that lists them."""
     if value not in allowed:
@@ -197,6 +215,37 @@ def x0_eps_from_output(
 # Objective (Algorithm 1)
 # ---------------------------------------------------------------------------------------------
 
+def objective_problem(objective: str, variance: str, weighting: str) -> str | None:
+    """The one rule for what L_vlb can train with, as a one-line problem or None. L_vlb with a
+    fixed variance is the DDPM paper's "true bound" ablation (its Table 2) and is allowed; the
+    analytic variance exists only after training (``ddpm.core.analytic``), so nothing could train
+    it; the weightings reweight L_simple, which L_vlb alone does not have."""
+    if objective == "vlb" and variance == "analytic":
+        return ("objective 'vlb' needs a variance to train with: analytic variances are estimated after training "
+                "(ddpm analytic RUN); use variance learned_range (or fixed_small/fixed_large)")
+    if objective == "vlb" and weighting != "simple":
+        return f"weighting {weighting!r} weights L_simple; objective 'vlb' needs weighting 'simple'"
+    return None
+
+
+def _check_loss_options(prediction, weighting, min_snr_gamma, reduction, variance, objective, vlb_weight,
+                        decoder) -> None:
+    """``training_loss``'s checks, once, so that its body is the algorithm."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("reduction", reduction, ("mean", "none"))
+    check_choice("variance", variance, VARIANCES)
+    check_choice("objective", objective, OBJECTIVES)
+    check_choice("decoder", decoder, DECODERS)
+    if not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
+    if isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float)) or not vlb_weight >= 0:
+        raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
+    problem = objective_problem(objective, variance, weighting)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def training_loss(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: NoiseSchedule,
@@ -234,21 +283,7 @@ def training_loss(
     ``decoder`` is the t = 0 term of L_vlb (``vlb_term``). ``labels`` (B,), for a class-conditional
     model, are passed on as ``model(x_t, t, labels)`` (the null label ``num_classes`` where dropped).
     """
-    check_choice("prediction", prediction, PREDICTIONS)
-    check_choice("weighting", weighting, WEIGHTINGS)
-    check_choice("reduction", reduction, ("mean", "none"))
-    check_choice("variance", variance, VARIANCES)
-    check_choice("objective", objective, OBJECTIVES)
-    check_choice("decoder", decoder, DECODERS)
-    if not min_snr_gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
-    if isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float)) or not vlb_weight >= 0:
-        raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
-    if objective == "vlb" and variance == "analytic":
-        raise ValueError("objective 'vlb' needs a variance it can evaluate: analytic variances are estimated after "
-                         "training; train with fixed_small, fixed_large or learned_range")
-    if objective == "vlb" and weighting != "simple":
-        raise ValueError(f"weighting={weighting!r} weights L_simple; objective 'vlb' takes weighting='simple'")
+    _check_loss_options(prediction, weighting, min_snr_gamma, reduction, variance, objective, vlb_weight, decoder)
     if x0.ndim < 2:
         raise ValueError(f"x0 must have shape (B, ...), got {tuple(x0.shape)}")
     B = x0.shape[0]

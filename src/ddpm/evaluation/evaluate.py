@@ -24,7 +24,6 @@ import math
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from ..core.nll import nll_bpd
 from ..data.sources import open_source, toy_log_density, toy_sample
 from ..errors import UserError
 from ..io.files import atomic_write_text
+from ..io.run import LoadedRun
 from ..sampling.batches import SamplerSettings, sample_batches
 from . import fid as _fid
 from .viz import to_uint8
@@ -286,23 +286,21 @@ def toy_metrics(samples: torch.Tensor, name: str, *, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def periodic_eval(model, schedule, config: EvalConfig, *, step: int, run_dir: str | os.PathLike,
-                  shape: tuple, sample_kwargs: dict, data=None, device=None) -> dict | None:
-    """Run the configured metrics when ``step`` is a multiple of ``config.every`` and append one
-    JSON line to RUN_DIR/eval/periodic.jsonl. ``shape`` (one item's) and ``sample_kwargs`` are as
-    in ``LoadedRun``; ``data`` is the training Dataset (its ``.kind``/``.name`` pick toy metrics).
+def periodic_eval(run: LoadedRun, *, step: int, run_dir: str | os.PathLike, data=None, device=None) -> dict | None:
+    """Run the metrics of ``run.config.eval`` when ``step`` is a multiple of its ``every`` and append
+    one JSON line to RUN_DIR/eval/periodic.jsonl. ``run`` holds the network being trained (its EMA)
+    as a ``LoadedRun``; ``data`` is the training Dataset (its ``.kind``/``.name`` pick toy metrics).
     Returns the record, or None when nothing ran. The model is put back in its previous mode."""
+    config, model, schedule, sample_kwargs = run.config.eval, run.model, run.schedule, run.sample_kwargs
     if not config.every or step % config.every:
         return None
 
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    was_training = model.training
+    model.eval()
     if device is None:
         device = model_device(model, pick_device())
-    run = SimpleNamespace(model=model, schedule=schedule, shape=tuple(shape), sample_kwargs=sample_kwargs)
     record = {"step": int(step), "sampler": config.sampler, "steps": config.steps, "num": config.num}
-    kind = getattr(data, "kind", None)
+    kind = getattr(data, "kind", None)  # a Dataset of ddpm.data.sources, or None
     try:
         need_samples = ("toy" in config.metrics and kind == "toy") or ("fid" in config.metrics and kind == "image")
         settings = SamplerSettings(config.sampler, config.steps)

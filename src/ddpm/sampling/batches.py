@@ -43,7 +43,7 @@ def sampler_settings(run, sampler: str | None = None, steps: int | None = None,
         steps = preview.steps if same and preview.steps is not None else default_steps(sampler, run.schedule.num_timesteps)
     if eta is None:
         eta = preview.eta if same else 0.0
-    distilled = getattr(run.config, "distill", None)
+    distilled = run.config.distill
     if distilled is not None and (sampler, int(steps), float(eta)) != ("ddim", distilled.steps, 0.0):
         raise UserError(f"{run.path} is distilled for {distilled.steps} deterministic DDIM steps (its default), not "
                         f"{sampler} with {steps} steps and eta {eta:g}: distil the teacher again for another count")
@@ -70,10 +70,9 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
                    autoguidance: float | None = None):
     """Draw ``num`` samples (num, *run.shape) as float32 on the CPU, ``batch_size`` at a time.
 
-    ``run`` is a ``ddpm.LoadedRun`` or anything with its ``model``, ``schedule``, ``shape`` and
-    ``sample_kwargs``. The network runs under the autocast mode ``amp``: by default the run's own
-    (``run.amp``, which ``ddpm.load`` chose for its device; float32 for objects without one),
-    else ``"auto"`` or one of ``accel.AMP_MODES``. The sampler's own updates stay float32 whatever
+    ``run`` is a ``ddpm.LoadedRun`` (``ddpm.load``'s, or one built around a network in training,
+    as periodic evaluation does). The network runs under the autocast mode ``amp``: by default the
+    run's own (``run.amp``, which ``ddpm.load`` chose for its device), else ``"auto"`` or one of ``accel.AMP_MODES``. The sampler's own updates stay float32 whatever
     the mode (``ddpm.sampling.samplers``: the model's output is cast back to the working dtype).
     ``progress`` shows one bar over every step of every batch, with images/s: True always, False
     never, None (default) when stderr is a terminal, so logs and captured output stay clean.
@@ -87,12 +86,12 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     if labels is not None and tuple(labels.shape) != (num,):
         raise ValueError(f"labels must have shape (num,) = ({num},), got {tuple(labels.shape)}")
-    amp = getattr(run, "amp", "off") if amp is None else accel.resolve_amp(amp, device)
+    amp = run.amp if amp is None else accel.resolve_amp(amp, device)
     model = run.model
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
     schedule = run.schedule.to(device)
-    guide = run.guide_kwargs(autoguidance) if hasattr(run, "guide_kwargs") else {}
+    guide = run.guide_kwargs(autoguidance)
     if guide:
         guide["guide"] = guide["guide"].to(device).eval()
     starts = range(0, num, batch_size)

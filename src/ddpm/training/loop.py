@@ -70,6 +70,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import periodic_eval
 from ..io.checkpoint import latest_checkpoint, list_checkpoints, read_guide, restore_training_state, save_checkpoint
 from ..io.files import RunLock, atomic_write_text, sweep_temporaries
+from ..io.run import LoadedRun
 from ..nets import fast
 from . import guards, optim
 from .budget import CpuThreads, TimeBudget, lr_at, schedule_progress
@@ -415,8 +416,9 @@ def _periodic_work(r: _Run, *, final: bool, final_preview: bool) -> None:
         _checkpoint(r)
     if r.rank == 0 and r.config.eval.every and step % r.config.eval.every == 0:
 
-        periodic_eval(r.ema, r.schedule, r.config.eval, step=step, run_dir=r.run_dir, shape=item_shape(r.config),
-                      sample_kwargs=preview_kwargs(r.config), data=r.dataset, device=r.device)
+        run = LoadedRun(model=r.ema, schedule=r.schedule, config=r.config, shape=item_shape(r.config),
+                        sample_kwargs=preview_kwargs(r.config), path=r.run_dir, step=step)
+        periodic_eval(run, step=step, run_dir=r.run_dir, data=r.dataset, device=r.device)
 
 
 def _checkpoint(r: _Run) -> None:
