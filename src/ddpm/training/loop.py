@@ -122,7 +122,9 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
             log.bar.update(1)
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
-            stop = _should_stop(r, signals[0], at_log)  # "time", a signal number or None
+            stop, fraction = _stop_reason(r, signals[0], at_log)  # "time", a signal number or None
+            if fraction is not None:
+                r.time_fraction = fraction  # drives the next steps' learning rate
             p = schedule_progress(config, r.step, r.time_fraction)
             if at_log or stop is not None:  # the last record holds the step and progress reached
                 threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
@@ -172,15 +174,23 @@ class _Run:
     guide: torch.nn.Module | None = None  # the EMA as it was at train.guide_at (autoguidance), once reached
     guide_step: int = 0
 
+    # Derived in __post_init__ from the fields above:
+    noise_gen: torch.Generator = dataclasses.field(init=False)  # reseeded with (seed, step) every step
+    t_gen: torch.Generator = dataclasses.field(init=False)  # the same seed, on the CPU where the loss-aware sampler draws
+    saved_step: int = dataclasses.field(init=False)  # the step of the newest checkpoint written or resumed from
+    nonfinite_run: torch.Tensor = dataclasses.field(init=False)  # skipped steps in a row, on the device
+    masked_skip: bool = dataclasses.field(init=False)  # fused Adam skips a step on the device when told found_inf
+    params: list = dataclasses.field(init=False)  # the trainable parameters, for clipping
+    ema_tensors: list = dataclasses.field(init=False)  # EMA over every floating tensor of the state dict
+    model_tensors: list = dataclasses.field(init=False)  # (parameters and float buffers), paired with these
+
     def __post_init__(self):
-        self.noise_gen = torch.Generator(device=self.device)  # reseeded with (seed, step) every step
-        self.t_gen = torch.Generator()  # the same seed, on the CPU where the loss-aware sampler draws
-        self.saved_step = self.step  # the step of the newest checkpoint written or resumed from
-        self.nonfinite_run = torch.zeros((), device=self.device)  # skipped steps in a row, on the device
-        # fused Adam skips a step on the device when told found_inf (see the module docstring)
-        self.masked_skip = bool(self.optimizer.defaults.get("fused"))
+        self.noise_gen = torch.Generator(device=self.device)
+        self.t_gen = torch.Generator()
+        self.saved_step = self.step
+        self.nonfinite_run = torch.zeros((), device=self.device)
+        self.masked_skip = bool(self.optimizer.defaults.get("fused"))  # see the module docstring
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # EMA over every floating tensor of the state dict (parameters and float buffers).
         self.ema_tensors = [v for v in self.ema.state_dict().values() if v.is_floating_point()]
         self.model_tensors = [v for v in self.model.state_dict().values() if v.is_floating_point()]
 
@@ -371,21 +381,19 @@ def _apply_update(r: _Run, skip: torch.Tensor, decay: float) -> None:
 
 # -- stopping ------------------------------------------------------------------------------------
 
-def _should_stop(r: _Run, signum: int | None, at_log: bool) -> int | str | None:
-    """The signal number received, "time" when the time budget is spent, else None; updates
-    ``r.time_fraction``, which drives the next steps' learning rate. Under DDP the ranks decide
-    together (any rank's reason stops all of them, with the same signal number; all take the
-    largest clock reading, so that their rates stay equal), and only at log steps, where they
-    synchronise anyway."""
+def _stop_reason(r: _Run, signum: int | None, at_log: bool) -> tuple[int | str | None, float | None]:
+    """(the signal number received, "time" when the time budget is spent, else None; the share of
+    the budget used, None when not read). Under DDP the ranks decide together (any rank's reason
+    stops all of them, with the same signal number; all take the largest clock reading, so that
+    their rates stay equal), and only at log steps, where they synchronise anyway."""
     if r.world > 1 and not at_log:
-        return None
+        return None, None
     fraction = r.budget.fraction()
     if r.world > 1:
         flags = torch.tensor([float(signum or 0), fraction], dtype=torch.float64, device=r.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, fraction = int(flags[0].item()) or None, float(flags[1].item())
-    r.time_fraction = fraction
-    return signum if signum else ("time" if fraction > 1 else None)
+    return (signum if signum else ("time" if fraction > 1 else None)), fraction
 
 
 def _check_divergence(r: _Run) -> None:
