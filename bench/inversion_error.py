@@ -5,7 +5,7 @@ sample them back with DDIM eta = 0 on the same grid, and report the error agains
 
 The first ``--num`` digits of the MNIST test set, float32, no autocast (the round trip is a
 numerical property); the error is the root-mean-square pixel difference in [-1, 1] units and the
-largest per-image RMS. The Gaussian-mixture version of this check is tests/test_invert.py.
+largest per-image RMS. The Gaussian-mixture version of this check is tests/sampling/test_invert.py.
 """
 
 from __future__ import annotations

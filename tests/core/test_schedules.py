@@ -260,7 +260,7 @@ def test_math_doc_references_resolve():
     import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     text = (root / "docs" / "math.md").read_text(encoding="utf-8")
     refs = set(re.findall(r"`([a-z_.]+):([A-Za-z_][A-Za-z0-9_]*)", text)) - {("module", "function")}
     assert len(refs) > 20
