@@ -53,10 +53,11 @@ def test_network_only_presets_are_not_run_presets():
 def test_mnist_networks_take_the_bundled_data(name):
     config = get_preset(name)
     x0 = open_source(config.data.source, split="test").get_batch([0, 1])
-    model = UNet.from_preset(name).eval()
-    with torch.no_grad():
-        out = model(x0, torch.tensor([0, config.diffusion.timesteps - 1]))
-    assert out.shape == x0.shape == (2, 1, 28, 28)
+    c = UNet.from_preset(name).config
+    assert x0.shape == (2, c.in_channels, c.image_size, c.image_size) == (2, 1, 28, 28)
+    # uint8 pixels k mapped to k / 127.5 - 1: the [-1, 1] range, both ends reached (ink on black)
+    assert x0.min() == -1 and x0.max() == 1
+    assert torch.allclose((x0 + 1) * 127.5, ((x0 + 1) * 127.5).round(), atol=1e-4)
 
 
 def _choices(cls, field: str) -> tuple:

@@ -83,9 +83,24 @@ def test_learn_sigma_doubles_the_output_and_old_configs_load_unchanged():
 
 
 def test_mlp_with_learn_sigma_outputs_prediction_and_variance_values():
-    model = MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1, learn_sigma=True))
-    assert model(torch.randn(5, 2), torch.zeros(5, dtype=torch.long)).shape == (5, 4)
-    assert MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1))(torch.randn(5, 2), torch.zeros(5, dtype=torch.long)).shape == (5, 2)
+    # (B, 2 dim): the prediction first, then the variance values v. With the plain network's
+    # weights in the shared layers and the first half of fc_out, the first half is its prediction.
+    torch.manual_seed(0)
+    plain = MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1))
+    learned = MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1, learn_sigma=True))
+    state = {k: v.clone() for k, v in learned.state_dict().items()}
+    for k, v in plain.state_dict().items():
+        if k.startswith("fc_out."):
+            state[k][:2] = v
+        else:
+            state[k] = v
+    learned.load_state_dict(state)
+    x, t = torch.randn(5, 2), torch.tensor([0, 3, 10, 500, 999])
+    with torch.no_grad():
+        out, pred = learned(x, t), plain(x, t)
+    assert out.shape == (5, 4) and pred.shape == (5, 2)
+    assert torch.allclose(out[:, :2], pred, atol=1e-6)
+    assert not torch.allclose(out[:, 2:], pred, atol=1e-3)  # the variance half is its own
 
 
 def test_mnist_learned_is_the_mnist_recipe_with_learned_variances():
@@ -180,9 +195,23 @@ def test_hybrid_loss_trains_the_variance_channels_through_its_vlb_term_alone(tmp
 
 
 def test_a_run_with_analytic_variance_previews_with_fixed_small(tmp_path, tiny):
+    # No Gamma_t exists before `ddpm analytic`: the previews are the fixed_small ones, pixel for pixel.
+    from PIL import Image
+
+    from ddpm.core.device import resolve_amp
+    from ddpm.training.previews import save_preview
+
     config = tiny(**{"diffusion.variance": "analytic", "sample.sampler": "ddpm", "sample.steps": 5, "train.steps": 2})
     run_dir = train(config, out=tmp_path / "r")
-    assert (run_dir / "samples" / "final.png").is_file()
+    run = load(run_dir, fast=False)
+    amp = resolve_amp(config.train.amp, "cpu")
+    for variance in ("fixed_small", "fixed_large"):
+        save_preview(run.model, run.schedule, config.override(**{"diffusion.variance": variance}),
+                     tmp_path / f"{variance}.png", device=torch.device("cpu"), amp=amp)
+    pixels = {name: np.asarray(Image.open(p)) for name, p in (("final", run_dir / "samples" / "final.png"),
+              ("small", tmp_path / "fixed_small.png"), ("large", tmp_path / "fixed_large.png"))}
+    assert np.array_equal(pixels["final"], pixels["small"])
+    assert not np.array_equal(pixels["final"], pixels["large"])  # the check can tell the variances apart
 
 
 def test_a_damaged_loss_history_is_refused_in_one_line(tmp_path):

@@ -74,12 +74,25 @@ def test_timestep_embedding_matches_the_tf_reference():
 
 
 @pytest.mark.parametrize("name", ["tiny", "mnist"])
-def test_presets_run_and_keep_shape(name):
-    model = UNet.from_preset(name).eval()
-    c = model.config
-    x = torch.randn(2, c.in_channels, c.image_size, c.image_size)
-    out = model(x, torch.tensor([0, 999]))
-    assert out.shape == (2, c.out_channels, c.image_size, c.image_size) and out.dtype == x.dtype
+def test_presets_predict_per_sample_and_per_timestep(name):
+    # The paper's init zeroes the output layer: eps_theta starts at exactly 0.
+    fresh = UNet.from_preset(name).eval()
+    c = fresh.config
+    x = torch.randn(3, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 999, 999])
+    with torch.no_grad():
+        out = fresh(x, t)
+    assert out.shape == (3, c.out_channels, c.image_size, c.image_size) and out.dtype == x.dtype
+    assert torch.count_nonzero(out) == 0
+    # With weights everywhere: each sample's output depends on its own x_t and t alone (GroupNorm,
+    # no batch statistics), and on t.
+    model = randomized(UNet.from_preset(name))
+    with torch.no_grad():
+        out = model(x, t)
+        alone = torch.cat([model(x[i:i + 1], t[i:i + 1]) for i in range(3)])
+        other_t = model(x[1:2], torch.tensor([500]))
+    assert torch.allclose(out, alone, atol=1e-5, rtol=1e-4)
+    assert (other_t - out[1:2]).abs().max() > 1e-3 * out[1:2].abs().max()
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,11 @@ def test_export_to_diffusers_says_the_guide_stays_behind(guided_run, tmp_path, c
     assert "the run's autoguidance guide is not exported" in capsys.readouterr().out
     assert main(["export", str(run_dir), "--format", "diffusers", str(tmp_path / "online"), "--no-ema"]) == 0
     assert "guide" not in capsys.readouterr().out  # the online weights never had one
+    # What went out is the final EMA network, not the guide (which differs from it): same function.
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900])
+    exported, run = ddpm.load(tmp_path / "pipe", fast=False), ddpm.load(run_dir, fast=False)
+    with torch.no_grad():
+        ours, theirs, guide = run.model(x, t), exported.model(x, t), run.guide(x, t)
+    assert torch.allclose(theirs, ours, atol=1e-6)
+    assert not torch.allclose(theirs, guide, atol=1e-6)
