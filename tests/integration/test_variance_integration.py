@@ -142,7 +142,7 @@ def test_impossible_training_combinations_are_one_line_errors(tmp_path, capsys, 
 def test_learn_sigma_and_learned_range_flags_each_set_both(tmp_path, capsys, monkeypatch):
     seen = []
     monkeypatch.setattr("ddpm.training.loop.train", lambda config, **kw: seen.append(config) or tmp_path)
-    monkeypatch.setattr("ddpm.cli.train._write_run_report", lambda run_dir: None)
+    monkeypatch.setattr("ddpm.cli.train.write_run_report", lambda run_dir: None)
     for flags in (["--learn-sigma"], ["--variance", "learned_range"], ["--preset", "mnist-learned"]):
         assert cli(capsys, "train", *(flags if "--preset" in flags else ["--preset", "tiny", *flags]))[0] == 0
     assert all(c.model.learn_sigma and c.diffusion.variance == "learned_range" for c in seen)

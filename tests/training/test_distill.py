@@ -157,6 +157,10 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     args = parser.parse_args(["distill", str(teacher_run), "--steps", "2", "--teacher-steps", "8", "--out", str(out),
                               "--iters-per-round", "3", "--no-progress"])
     assert args.func(args) == 0
+    # report.html as for a trained run: one preview per round, in round order, and where it came from
+    page = (out / "report.html").read_text()
+    assert page.index("round 1: 4 steps") < page.index("round 2: 2 steps") < page.index("final (step 6)")
+    assert f"distilled from <b>{teacher_run.resolve()}</b> (8 to <b>2</b> DDIM steps)" in page
     assert main(["sample", str(out), "--num", "8", "--out", str(tmp_path / "x.png")]) == 0
     assert "ddim, 2 steps" in capsys.readouterr().out
     assert main(["sample", str(out), "--num", "8", "--steps", "4", "--out", str(tmp_path / "y.png")]) == 2

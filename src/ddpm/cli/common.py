@@ -19,11 +19,12 @@ User mistakes raise ``UserError``; ``ddpm.cli.main`` prints ``ddpm: error: <one 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -248,3 +249,14 @@ def model_options(run) -> dict:
     from ..training.previews import preview_kwargs
 
     return preview_kwargs(run.config)
+
+
+def write_run_report(run_dir: Path) -> None:
+    """RUN/report.html at the end of a run (ddpm train, ddpm distill); a failure here must not turn a finished run into an error."""
+    from ..evaluation.report import write_report
+
+    try:
+        print(f"ddpm: report: {write_report(run_dir)}")
+    except Exception as exc:  # the weights and logs are saved; the report can be redone with `ddpm report`
+        print(f"ddpm: warning: could not write the report ({first_line(exc)}); retry with: ddpm report {run_dir}",
+              file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .options import positive
+from .common import write_run_report
 
 EXAMPLES = """examples:
   ddpm distill runs/mnist-20250101-120000 --steps 4 --out runs/mnist-4   # 128 -> 64 -> ... -> 4 steps
@@ -54,4 +55,5 @@ def cmd_distill(args) -> int:
                       max_minutes=args.max_minutes, resume=args.resume, progress=args.progress,
                       ckpt_every=args.ckpt_every, device=args.device)
     print(f"ddpm: distilled {args.run} into {args.steps} steps in {out}; sample it with `ddpm sample {out} --out x.png`")
+    write_run_report(out)
     return 0

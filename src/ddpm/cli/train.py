@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from .common import write_run_report
 from .options import classes, image_size
-from ..errors import UserError, first_line
+from ..errors import UserError
 
 EXAMPLES = """examples:
   ddpm train                                   # mnist preset on the bundled MNIST, fresh runs/mnist-DATE dir
@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
     run_dir = train(config, out=args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the run's files
         _say_how_it_ended(run_dir, config)
-        _write_run_report(run_dir)
+        write_run_report(run_dir)
     print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
           f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
     return 0
@@ -210,14 +210,3 @@ def _say_how_it_ended(run_dir: Path, config) -> None:
     if (last.get("time_fraction") or 0) >= 1 and last.get("step", 0) < config.train.steps:
         print(f"ddpm: the {config.train.max_minutes:g}-minute budget (train.max_minutes) ended the run at step "
               f"{last['step']} of at most {config.train.steps}, with its learning-rate decay finished")
-
-
-def _write_run_report(run_dir: Path) -> None:
-    """RUN/report.html at the end of a run; a failure here must not turn a finished run into an error."""
-    from ..evaluation.report import write_report
-
-    try:
-        print(f"ddpm: report: {write_report(run_dir)}")
-    except Exception as exc:  # the weights and logs are saved; the report can be redone with `ddpm report`
-        print(f"ddpm: warning: could not write the report ({first_line(exc)}); retry with: ddpm report {run_dir}",
-              file=sys.stderr)

@@ -5,7 +5,8 @@ a browser (no network, no scripts): the training loss (raw and smoothed), learni
 gradient norm against the step from ``log.jsonl``; the preview grids ``samples/*.png`` in step
 order, embedded as base64 data URIs; the metrics of ``eval/periodic.jsonl`` over the steps, when
 there are any; and the resolved ``config.json``. Plots are inline SVG drawn here (no matplotlib).
-``ddpm train`` writes the report at the end of a run; ``ddpm report RUN`` writes it on demand.
+``ddpm train`` and ``ddpm distill`` write the report at the end of a run (a distillation's previews
+are one grid per round); ``ddpm report RUN`` writes it on demand.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def _numeric_leaves(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _previews(run_dir: Path, final_step: int | None) -> list[tuple[str, Path]]:
-    """(caption, path) of ``samples/step-NNNNNNN.png`` in step order, then ``samples/final.png``."""
+    """(caption, path) of ``samples/step-NNNNNNN.png`` in step order (a distillation's
+    ``samples/round-R-Nsteps.png`` in round order), then ``samples/final.png``."""
     folder = run_dir / "samples"
     steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*.png") if (m := re.fullmatch(r"step-(\d+)\.png", p.name)))
     items = [(f"step {s}", p) for s, p in steps]
+    rounds = sorted((int(m.group(1)), int(m.group(2)), p) for p in folder.glob("round-*.png")
+                    if (m := re.fullmatch(r"round-(\d+)-(\d+)steps\.png", p.name)))
+    items += [(f"round {r}: {n} step{'s' * (n != 1)}", p) for r, n, p in rounds]
     if len(items) > MAX_PREVIEWS - 1:
         keep = sorted({round(i * (len(items) - 1) / (MAX_PREVIEWS - 2)) for i in range(MAX_PREVIEWS - 1)})
         items = [items[i] for i in keep]
@@ -289,6 +294,10 @@ def _summary(run_dir: Path, config: dict | None, log: list[dict]) -> str:
         done = log[-1]["step"] if log else 0
         items.append(f"step <b>{done}</b>" + (f" of {planned}" if planned else ""))
         items.append(f"data <b>{html.escape(str(config.get('data', {}).get('source')))}</b>")
+        distilled = config.get("distill")
+        if isinstance(distilled, dict):
+            items.append(f"distilled from <b>{html.escape(str(distilled.get('teacher')))}</b> "
+                         f"({distilled.get('teacher_steps')} to <b>{distilled.get('steps')}</b> DDIM steps)")
         model = config.get("model", {})
         if "image_size" in model:
             items.append(f"U-Net {html.escape(json.dumps(model['image_size']))} px, {model.get('in_channels')} "
