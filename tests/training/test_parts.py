@@ -29,6 +29,7 @@ from ddpm.errors import UserError
 from ddpm.training import guards, previews
 from ddpm.training.data import get_batch, open_training_data, with_class_names
 from ddpm.training.runlog import RunLog
+from test_unet import randomized
 
 CPU = torch.device("cpu")
 
@@ -219,8 +220,9 @@ def test_a_distilled_run_previews_on_its_grid_spacing(tiny):
 
 
 def model_and_schedule(config, seed=0):
-    torch.manual_seed(seed)
-    return build_model(config.model).eval(), config.diffusion.make_schedule()
+    # Random weights everywhere: the paper's init zeroes the output layer, so that two fresh
+    # networks would both predict 0 and be indistinguishable.
+    return randomized(build_model(config.model), seed), config.diffusion.make_schedule()
 
 
 def preview(config, path, model=None, guide=None):
@@ -342,16 +344,13 @@ def test_nonfinite_steps_are_counted_and_left_out_and_nan_inf_are_null(tmp_path)
     assert (second["loss"], second["skipped_nonfinite"], second["grad_norm"]) == (None, 2, None)  # no finite step
 
 
-@pytest.mark.xfail(strict=True, reason="runlog sums the interval's losses in float32: finite losses whose sum "
-                   "overflows make an Inf mean, and json.dumps(allow_nan=False) raises ValueError instead of "
-                   "writing null (the promise: NaN/Inf are written as null)")
 def test_a_finite_loss_too_large_to_sum_in_float32_is_still_written(tmp_path):
     with contextlib.ExitStack() as stack:
         log = open_log(tmp_path, stack)
         add(log, 3e38), add(log, 3e38)  # each finite in float32, their sum is not
         log.write(2, 1e-3, torch.tensor(1.0), 0.9, progress=0.02, elapsed=1.0)
     (record,) = strict_records(tmp_path / "log.jsonl")
-    assert record["loss"] is None or record["loss"] == pytest.approx(3e38, rel=1e-6)
+    assert record["loss"] is None  # the float32 sum overflowed: written as null, not a crash
 
 
 def test_optional_fields_fp16_time_budget_and_threads(tmp_path):

@@ -72,7 +72,9 @@ class RunLog:
         now, steps = time.monotonic(), step - self.step_last
         loss_sum, skipped, overflow = self.sums.tolist()
         skipped, overflow = round(skipped), round(overflow)
-        record = {"step": step, "loss": loss_sum / (steps - skipped) if steps > skipped else None, "lr": lr,
+        # Finite losses can still sum past float32's range (a run diverging slowly): null, as for NaN.
+        mean_loss = _finite_or_none(loss_sum / (steps - skipped)) if steps > skipped else None
+        record = {"step": step, "loss": mean_loss, "lr": lr,
                   "grad_norm": _finite_or_none(float(grad_norm)), "skipped_nonfinite": skipped,
                   "ema_decay": ema_decay, "it_per_s": steps / max(now - self.t_last, 1e-9),
                   "elapsed_s": elapsed, "progress": progress}
