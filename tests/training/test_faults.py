@@ -460,6 +460,19 @@ def test_a_half_deleted_checkpoint_folder_is_swept_at_the_next_save(run4, tmp_pa
     assert sorted(p.name for p in run.iterdir() if "ckpt" in p.name) == ["ckpt-0000004", "ckpt-0000006"]
 
 
+def test_a_damaged_log_window_in_state_pt_is_one_line(tmp_path, tiny, capsys):
+    config = tiny(**{"train.steps": 3, "train.log_every": 2})
+    run = train(config, out=tmp_path / "r")
+    state_path = run / "ckpt-0000003" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["log_window"]["since"] == 2  # the window of steps 3-4 is open at the stop
+    state["log_window"] = {"sums": [float("nan"), 0.0, 0.0], "since": 2}
+    torch.save(state, state_path)
+    rewrite_manifest(run / "ckpt-0000003")
+    with pytest.raises(UserError, match="log_window"):
+        train(config.override(**{"train.steps": 4}), out=run, resume=True)
+
+
 def test_the_log_does_not_repeat_steps_after_a_resume(tmp_path, tiny):
     config = tiny(**{"train.steps": 4, "train.log_every": 1})
     run = train(config, out=tmp_path / "r")

@@ -83,6 +83,21 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny):
     assert any(not torch.equal(w3[k], w6[k]) for k in w3)
 
 
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, tiny):
+    # The stop at step 3 falls inside the window of steps 1-4 (log_every 4): the resumed run must
+    # average steps 1-4 for its record at step 4, not 4 alone, and drop the stop record at 3.
+    config = tiny(**{"model.dropout": 0.1, "train.steps": 10, "train.ckpt_every": 3, "train.log_every": 4})
+    straight = train(config, out=tmp_path / "straight")
+    train(config.override(**{"train.steps": 3}), out=tmp_path / "split")
+    assert [r["step"] for r in read_log(tmp_path / "split")] == [3]  # the stop record
+    split = train(config, out=tmp_path / "split", resume=True)
+    a, b = read_log(straight), read_log(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 10]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lr", "grad_norm", "skipped_nonfinite", "ema_decay", "progress"):
+            assert ra[key] == rb[key], (ra["step"], key)
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny):
     full = train(tiny(**{"train.steps": 2, "train.ckpt_every": 0}), out=tmp_path / "full")
     accum = train(tiny(**{"train.steps": 2, "train.ckpt_every": 0, "train.grad_accum": 2}), out=tmp_path / "accum")

@@ -248,13 +248,16 @@ def load_weights_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 
 def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, *, rank: int = 0,
-                           world: int = 1, timestep_sampler=None, grad_scaler=None, time_budget=None) -> int:
+                           world: int = 1, timestep_sampler=None, grad_scaler=None, time_budget=None,
+                           log_window=None) -> int:
     """Load weights, EMA, optimizer and this rank's RNG state from a checkpoint folder; return its step.
 
     ``timestep_sampler`` (a ``LossAwareTimestepSampler``, objective "vlb") gets the saved loss
     history when the checkpoint has one (a run switched to "vlb" starts with an empty one);
     likewise an enabled ``grad_scaler`` (fp16) gets the saved loss scale, and ``time_budget`` (a
-    ``ddpm.training.budget.TimeBudget``) the training time used so far (none in older checkpoints: 0).
+    ``ddpm.training.budget.TimeBudget``) the training time used so far (none in older checkpoints: 0),
+    and ``log_window`` (a ``ddpm.training.runlog.LogWindow``) the open log window (older
+    checkpoints: a new window from the checkpoint's step).
 
     The state is validated before use (``training_state.check_state``), so a damaged or crafted
     ``state.pt`` is a one-line UserError rather than a crash in the optimizer's kernels.
@@ -278,6 +281,10 @@ def restore_training_state(ckpt: Path, model: torch.nn.Module, ema: torch.nn.Mod
         grad_scaler.load_state_dict(state["grad_scaler"])
     if time_budget is not None and "time_budget" in state:
         time_budget.load_state_dict(state["time_budget"], ckpt / "state.pt")
+    if log_window is not None:
+        log_window.since = state["step"]
+        if "log_window" in state:
+            log_window.load_state_dict(state["log_window"], ckpt / "state.pt", state["step"])
     if timestep_sampler is not None and "timestep_sampler" in state:
         _restore_timestep_sampler(timestep_sampler, state["timestep_sampler"], ckpt / "state.pt")
     return state["step"]

@@ -13,6 +13,8 @@ Expected layout (written by ``ddpm.training.loop``)::
      "rng": {"ranks": [{"cpu": uint8 tensor, "cuda": uint8 tensor (optional)}, ...]},
      "data_position": int, "world_size": int, "grad_scaler": GradScaler.state_dict() (fp16 runs),
      "time_budget": {"elapsed_s": float} (training time so far; checked by ddpm.training.budget),
+     "log_window": {"sums": [3 floats], "since": int} (the open log.jsonl window; checked by
+     ddpm.training.runlog),
      "timestep_sampler": LossAwareTimestepSampler.state_dict() (objective "vlb"; checked by
      ddpm.io.checkpoint when restored)}
 """

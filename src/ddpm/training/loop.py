@@ -77,7 +77,7 @@ from .budget import CpuThreads, TimeBudget, lr_at, schedule_progress
 from .data import get_batch, open_training_data, with_class_names
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .previews import preview_kwargs, save_preview
-from .runlog import RunLog
+from .runlog import LogWindow, RunLog
 from .timestep_sampling import LossAwareTimestepSampler, record_vlb_losses
 
 __all__ = ["train", "TrainingInterrupted", "TrainingDiverged", "IndexStream"]
@@ -112,7 +112,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
     with guards.resource_errors("training"), contextlib.ExitStack() as stack:  # closed on every way out
         r = _setup(config, out, resume, stack)  # process group, lock, data, model, EMA, optimizer, resume
         log = RunLog(r.run_dir, rank=r.rank, world=r.world, step=r.step, steps=c.steps, progress=c.progress,
-                     device=r.device, stack=stack, time_fraction=r.time_fraction)  # log.jsonl, TensorBoard, bar
+                     window=r.log_window, log_every=c.log_every, stack=stack, time_fraction=r.time_fraction)  # log.jsonl, TensorBoard, bar
         signals = stack.enter_context(guards.stop_signals())  # the first SIGINT/SIGTERM/SIGHUP -> signals[0]
         r.budget.start()
         while r.step < c.steps:  # Algorithm 1, lines 1 and 6: repeat until the step budget is spent
@@ -168,6 +168,7 @@ class _Run:
     step: int  # optimizer steps completed (skipped non-finite ones included)
     scaler: torch.amp.GradScaler  # loss scaling under fp16 (disabled: every call a pass-through)
     budget: TimeBudget  # train.max_minutes and the training time used, across resumes
+    log_window: LogWindow  # the loss summed since the last log record on the cadence, across resumes
     timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
     time_fraction: float = 0.0  # share of the time budget used, as of the last stop check
     cpu_threads: CpuThreads | None = None  # a budgeted one-process CPU run: threads follow the load
@@ -241,9 +242,11 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
                         if config.diffusion.objective == "vlb" else None)
     scaler = optim.make_grad_scaler(amp, device)  # fp16 only; a pass-through otherwise
     budget = TimeBudget(c.max_minutes)
+    log_window = LogWindow(device)
     if latest is not None:
         step = restore_training_state(latest, model, ema, optimizer, rank=rank, world=world,
-                                      timestep_sampler=timestep_sampler, grad_scaler=scaler, time_budget=budget)
+                                      timestep_sampler=timestep_sampler, grad_scaler=scaler, time_budget=budget,
+                                      log_window=log_window)
         if budget.fraction() >= 1 and step < c.steps:
             raise UserError(f"{run_dir} already used its {c.max_minutes:g}-minute budget (train.max_minutes) at "
                             f"step {step}; to train on, resume with a larger one, e.g. --set train.max_minutes="
@@ -261,7 +264,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
-                scaler=scaler, budget=budget, timestep_sampler=timestep_sampler, time_fraction=budget.fraction(),
+                scaler=scaler, budget=budget, log_window=log_window, timestep_sampler=timestep_sampler, time_fraction=budget.fraction(),
                 cpu_threads=_cpu_threads(c, device, world, stack), guide=guide, guide_step=guide_step)
 
 
@@ -443,6 +446,7 @@ def _checkpoint(r: _Run) -> None:
         if r.scaler.is_enabled():  # the loss scale and its growth count: a resumed run scales the same
             state["grad_scaler"] = r.scaler.state_dict()
         state["time_budget"] = r.budget.state_dict()  # training time so far: a resumed run continues its decay
+        state["log_window"] = r.log_window.state_dict()  # a resumed run's log.jsonl has no seam
         save_checkpoint(r.run_dir, r.step, r.model, r.ema, state, r.config, keep_last=c.keep_last,
                         guide=None if r.guide is None else (r.guide_step, r.guide))
     elif r.world > 1:
