@@ -177,6 +177,10 @@ def test_ctrl_c_in_a_real_process_saves_a_checkpoint_exits_130_and_resumes(tmp_p
     saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     train(saved.override(**{"train.steps": step + 2}), out=out, resume=True)
     assert load(out).step == step + 2
+    # and its log has no seam: record for record the uninterrupted run's
+    straight = train(saved.override(**{"train.steps": step + 2}), out=tmp_path / "straight")
+    keys = ("step", "loss", "lr", "grad_norm", "skipped_nonfinite", "progress")
+    assert [[r[k] for k in keys] for r in read_log(out)] == [[r[k] for k in keys] for r in read_log(straight)]
 
 
 def test_a_crash_inside_the_loop_closes_every_resource(tmp_path, tiny, capsys):
