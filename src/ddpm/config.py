@@ -31,16 +31,58 @@ from .sampling.samplers import SAMPLERS
 AMP_CHOICES = ("auto", *AMP_MODES)
 
 
-def _check_literals(obj: Any) -> None:
-    """Refuse a value outside its ``Literal[...]`` annotation, listing the allowed values."""
+# Bounds that a real run meets, for the integers a config (often read from a file) may hold: a
+# value past them is a mistake or a crafted file, refused before it can size a loop or an
+# allocation (a step count of 1e300 would train without end; T of 1e9 would build float64 arrays of
+# 8 GB each). Sizes of tensors (batch, image) are checked against the memory available where they
+# are allocated instead. Every other integer must fit in int64, as torch takes it.
+INT_LIMITS = {
+    "steps": 10**8,  # training, sampling, evaluation steps: 100x the paper's 800k-step CIFAR-10 run
+    "timesteps": 100_000,  # T of the schedule (the paper: 1,000)
+    "num": 10**8,  # samples drawn (50,000 for FID)
+    "seed": 2**32 - 1,  # as numpy's; the training loop's generators take seed * 1,000,003 + step
+    "iters_per_round": 10**8,
+    "teacher_steps": 100_000,
+}
+DEFAULT_INT_LIMIT = 2**63 - 1
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list"}
+_KINDS = {float: (int, float), tuple: (tuple, list)}  # an int is a number; a list stands for a tuple
+
+
+def _check_fields(obj: Any) -> None:
+    """Refuse a field whose value is not of its annotated type (naming the field, the type found
+    and the type wanted), an integer past its bound (``INT_LIMITS``), or a value outside its
+    ``Literal[...]`` annotation (listing the allowed values)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        hint = hints[f.name]
+        hint, value = hints[f.name], getattr(obj, f.name)
         if typing.get_origin(hint) is Literal:
             allowed = typing.get_args(hint)
-            value = getattr(obj, f.name)
             if value not in allowed:
                 raise ValueError(f"{f.name} {value!r} not allowed; choose one of {', '.join(map(str, allowed))}")
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+        if value is None and type(None) in options:
+            continue
+        wanted = [t for t in options if t in _TYPE_NAMES]
+        if not wanted or len(options) > 2 or any(_is_kind(value, t) for t in wanted):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _int_limit(f.name):
+                shown = value if abs(value) < 10**15 else f"{float(value):.3g}"
+                raise ValueError(f"{f.name} {shown} is past the limit of {_int_limit(f.name)} that a real run stays "
+                                 f"within")
+            continue
+        raise ValueError(f"{f.name} must be {' or '.join(_TYPE_NAMES[t] for t in wanted)}"
+                         f"{' or null' if type(None) in options else ''}, got {type(value).__name__} {value!r}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, _KINDS.get(kind, kind))
+
+
+def _int_limit(name: str) -> int:
+    return INT_LIMITS.get(name, DEFAULT_INT_LIMIT)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -69,7 +111,7 @@ class DiffusionConfig:
     vlb_weight: float = 0.001
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _require(self.timesteps >= 2, f"timesteps must be >= 2, got {self.timesteps}")
         _require(0 < self.linear_start <= self.linear_end < 1, "need 0 < linear_start <= linear_end < 1")
         _require(self.cosine_s >= 0 and self.min_snr_gamma > 0, "cosine_s must be >= 0 and min_snr_gamma > 0")
@@ -103,7 +145,7 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         self.betas = tuple(float(b) for b in self.betas)
         _require(0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}")
         _require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
@@ -145,7 +187,7 @@ class LoopConfig:
     guide_at: Optional[float] = None
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ema_warmup", "seed", "sample_every", "ckpt_every", "num_workers"):
@@ -172,7 +214,10 @@ class DataConfig:
     class_names: Optional[tuple] = None
 
     def __post_init__(self):
-        _require(isinstance(self.source, str) and bool(self.source), "data source must be a non-empty string")
+        if self.class_names is not None and isinstance(self.class_names, list):
+            self.class_names = tuple(self.class_names)
+        _check_fields(self)
+        _require(bool(self.source), "data source must be a non-empty string")
         if self.image_size is not None:
 
             image_hw(self.image_size)  # ValueError unless S or (H, W) of positive integers
@@ -198,7 +243,7 @@ class SampleConfig:
     autoguidance: float = 1.0
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
         _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
         _require(math.isfinite(self.guidance), f"sample.guidance must be a finite number, got {self.guidance}")
@@ -227,7 +272,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         self.metrics = tuple(self.metrics)
         allowed = ("toy", "nll", "fid")
         bad = [m for m in self.metrics if m not in allowed]
@@ -258,7 +303,7 @@ class DistillConfig:
     parametrisation: Literal["v"] = "v"
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _require(1 <= self.steps < self.teacher_steps, f"distill.steps must lie in 1..teacher_steps - 1, got {self.steps}")
         _require(self.iters_per_round >= 1, f"distill.iters_per_round must be >= 1, got {self.iters_per_round}")
 
@@ -279,6 +324,7 @@ class TrainConfig:
     distill: Optional[DistillConfig] = None
 
     def __post_init__(self):
+        _check_fields(self)
         problem = variance_channels_problem(self.model.learn_sigma, self.diffusion.variance, training=True)
         _require(problem is None, problem)
         _check_conditioning(self)
@@ -404,6 +450,10 @@ def _build(cls, d: Any, path: str):
         return cls(**kwargs)
     except TypeError as exc:
         raise UserError(f"config section {path.rstrip('.') or '<root>'}: {exc}") from None
+    except ValueError as exc:
+        if not path:
+            raise
+        raise ValueError(f"config section {path.rstrip('.')}: {exc}") from None
 
 
 def merge_dicts(base: dict, update: dict) -> dict:

@@ -28,7 +28,7 @@ from ddpm.config import DistillConfig, build_model
 from ddpm.errors import UserError
 from ddpm.training import guards, previews
 from ddpm.training.data import get_batch, open_training_data, with_class_names
-from ddpm.training.runlog import RunLog
+from ddpm.training.runlog import LogWindow, RunLog
 from test_unet import randomized
 
 CPU = torch.device("cpu")
@@ -300,9 +300,9 @@ def strict_records(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def open_log(run_dir, stack, *, step=0, steps=100, rank=0, time_fraction=0.0):
-    return RunLog(run_dir, rank=rank, world=1, step=step, steps=steps, progress=False, device=CPU, stack=stack,
-                  time_fraction=time_fraction)
+def open_log(run_dir, stack, *, step=0, steps=100, rank=0, time_fraction=0.0, log_every=1):
+    return RunLog(run_dir, rank=rank, world=1, step=step, steps=steps, progress=False, window=LogWindow(CPU, step),
+                  log_every=log_every, stack=stack, time_fraction=time_fraction)
 
 
 def add(log, loss, nonfinite=0, overflow=0):

@@ -6,6 +6,7 @@
 - ``describe_amp(amp, requested)``     how a command line says which mode it runs in.
 - ``autocast(device, amp)``            bf16 or fp16 autocast on CUDA and CPU, or a no-op for ``"off"``.
 - ``keep_freed_memory()``              glibc: stop handing freed activations back to the OS.
+- ``available_memory(device)``         bytes that can be allocated now (before a large allocation).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -157,3 +159,20 @@ def model_device(model, default: str | torch.device = "cpu") -> torch.device:
     """The device of ``model``'s first parameter; ``default`` for a function or a network without any."""
     param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     return param.device if param is not None else torch.device(default)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated now on ``device`` (Linux: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

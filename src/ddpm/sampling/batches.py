@@ -9,6 +9,7 @@ and ``ddpm eval toy RUN`` draw what the trainer previewed unless told otherwise.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,29 @@ def uniform_labels(seed: int, num: int, num_classes: int, offset: int = 0) -> to
     return (u * num_classes) >> 32  # < 2^63: no overflow for any K < 2^31
 
 
+# float32 copies of one batch that every sampler holds at once (x_t, the model's output, x0, the
+# noise and the next x_t): a floor under the true need, which adds the network's activations.
+_WORKING_COPIES = 5
+
+
+def check_sampling_memory(num: int, batch: int, shape: tuple, device) -> None:
+    """Refuse, in one line, ``num`` samples of ``shape`` drawn ``batch`` at a time that cannot fit:
+    the samples kept on the CPU plus the sampler's working copies of one batch. ``shape`` may come
+    from a file (a run's config, a checkpoint's metadata), so this runs before any allocation."""
+    numel = math.prod(shape)
+    device = torch.device(device)
+    need_host = num * numel * 4 + (batch * numel * 4 * _WORKING_COPIES if device.type == "cpu" else 0)
+    need_device = batch * numel * 4 * _WORKING_COPIES
+    for where, need in ((torch.device("cpu"), need_host), (device, need_device)):
+        free = accel.available_memory(where)
+        if need and free is not None and need > free:
+            raise UserError(f"{num} samples of shape {tuple(shape)} ({batch} at a time) need at least "
+                            f"{need / 1e9:.3g} GB on {where.type}, but {free / 1e9:.3g} GB are available; lower "
+                            f"--num or --batch-size (or check the run's image size)")
+        if where == device:
+            break
+
+
 @torch.no_grad()
 def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, batch_size: int = 256,
                    device: str | torch.device = "cpu", amp: str | None = None, progress: bool | None = None,
@@ -86,6 +110,7 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     if labels is not None and tuple(labels.shape) != (num,):
         raise ValueError(f"labels must have shape (num,) = ({num},), got {tuple(labels.shape)}")
+    check_sampling_memory(num, min(batch_size, num), run.shape, device)
     amp = run.amp if amp is None else accel.resolve_amp(amp, device)
     model = run.model
     if isinstance(model, torch.nn.Module):

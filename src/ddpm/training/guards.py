@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 
 import torch
 
 from ..config import item_shape
+from ..core.device import available_memory
 from ..errors import UserError, first_line
 from ..io.files import RESOURCE_ERRNOS
 
@@ -58,23 +58,6 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can be allocated now on ``device`` (Linux: MemAvailable), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_memory(config, device: torch.device) -> None:
