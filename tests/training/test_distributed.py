@@ -90,3 +90,78 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     assert step >= logged and [s for s, _ in list_checkpoints(out)] == [step]
     state = torch.load(out / f"ckpt-{step:07d}" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["ranks"]) == 2
+    # and it resumes (here in one process: the global batch is the same, the ranks' dropout streams are new)
+    from ddpm.io.run import load
+
+    config = get_preset("tiny").override(**{"train.steps": step + 2, "train.device": "cpu", "train.progress": False})
+    train(config, out=out, resume=True)
+    assert load(out).step == step + 2
+
+
+def test_kill_9_of_one_rank_stops_the_other_with_one_line(tmp_path):
+    import signal
+    import time
+
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
+           "--steps", "100000", "--ckpt-every", "5", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("ckpt-*")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.1)
+        rank1 = [p for p in os.listdir("/proc") if p.isdigit() and _is_rank(int(p), 1)]
+        assert len(rank1) == 1, rank1
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)  # never a hang: both ranks gone within 2 minutes
+        assert time.monotonic() - t0 < 120
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    # rank 0 says it in one line (or was stopped by torchrun first, before it noticed): never a traceback of ours
+    ours = [line for line in err.splitlines() if line.startswith("[rank0]") or line.startswith("ddpm:")]
+    assert not [line for line in ours if "Traceback" in line], err[-3000:]
+    assert all("another process of this 2-rank run stopped" in line for line in ours if "error" in line), ours
+    # and the run resumes from its newest checkpoint, in one process
+    from ddpm.io.checkpoint import latest_verified_checkpoint
+
+    assert latest_verified_checkpoint(out, ["ema.safetensors"]) is not None
+
+
+def _is_rank(pid: int, rank: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return f"RANK={rank}".encode() in env and b"ddpm" in cmd and b"torch.distributed.run" not in cmd
+
+
+def test_a_failed_collective_is_one_line_only_under_torchrun():
+    from ddpm.errors import UserError
+    from ddpm.training import guards
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:40334: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging")
+    with pytest.raises(UserError, match=r"another process of this 2-rank run stopped .*\(Read error "
+                                        r"\[127.0.0.1\]:40334: Connection reset by peer\); .* in runs/x is intact"):
+        with guards.lost_peers(2, "runs/x"):
+            raise gone
+    with pytest.raises(RuntimeError, match="Connection reset"):  # one process: not a peer's doing
+        with guards.lost_peers(1, "runs/x"):
+            raise gone
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # a bug is not hidden as a lost peer
+        with guards.lost_peers(2, "runs/x"):
+            raise RuntimeError("shape mismatch")

@@ -11,6 +11,9 @@
   refused before anything is allocated (a batch of 1e9 would otherwise start allocating).
 - ``resource_errors()``: out-of-memory errors of torch or Python and OSErrors that mean a full
   disk, a read-only file system or missing permissions become a one-line UserError.
+- ``lost_peers(world, run_dir)``: under torchrun, a collective that fails because another rank
+  died (``kill -9``, the OOM killer, a lost node) becomes a one-line UserError naming the run to
+  resume, instead of a traceback from inside the backward pass.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 from ..config import item_shape
 from ..core.device import available_memory
@@ -100,3 +104,22 @@ def resource_errors(what: str):
             raise
         where = f" {exc.filename}:" if exc.filename else ""
         raise UserError(f"{what}:{where} {exc.strerror or exc}") from None
+
+
+# What the gloo and NCCL backends say when the other end of a collective has gone away.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket Timeout",
+              "timed out", "Timeout", "NCCL communicator was aborted", "ProcessGroup")
+
+
+@contextlib.contextmanager
+def lost_peers(world: int, run_dir):
+    """Turn a failed collective of a ``world``-rank run into one line (see the module docstring)."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError and DistNetworkError are RuntimeErrors
+        text = str(exc)
+        if world <= 1 or not (isinstance(exc, getattr(dist, "DistError", ())) or any(s in text for s in _PEER_GONE)):
+            raise
+        said = first_line(exc).rpartition("] ")[2].partition(". ")[0][:160]  # gloo: "[file:line] Read error ...: ..."
+        raise UserError(f"another process of this {world}-rank run stopped or became unreachable ({said}); the "
+                        f"newest complete checkpoint in {run_dir} is intact: relaunch with --resume") from None

@@ -111,6 +111,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
     c = config.train
     with guards.resource_errors("training"), contextlib.ExitStack() as stack:  # closed on every way out
         r = _setup(config, out, resume, stack)  # process group, lock, data, model, EMA, optimizer, resume
+        stack.enter_context(guards.lost_peers(r.world, r.run_dir))  # a rank killed under torchrun: one line
         log = RunLog(r.run_dir, rank=r.rank, world=r.world, step=r.step, steps=c.steps, progress=c.progress,
                      window=r.log_window, log_every=c.log_every, stack=stack, time_fraction=r.time_fraction)  # log.jsonl, TensorBoard, bar
         signals = stack.enter_context(guards.stop_signals())  # the first SIGINT/SIGTERM/SIGHUP -> signals[0]
