@@ -134,7 +134,23 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
 
     if is_diffusers_dir(path):
         return _prepared(load_diffusers(path, device=device), device, fast, amp)
-    weights_path = resolve_weights_path(path, ema=ema)
+    for attempt in range(_ROTATION_RETRIES):
+        weights_path = resolve_weights_path(path, ema=ema)
+        try:
+            return _prepared(_load_weights(weights_path, ema, device), device, fast, amp)
+        except (UserError, OSError):
+            # A run still training rotates its checkpoints (keep_last): the newest one that
+            # verified a moment ago may be gone now. Then the next newest is read, never a half one.
+            if weights_path.parent.exists() or attempt == _ROTATION_RETRIES - 1 or not Path(path).is_dir():
+                raise
+    raise AssertionError("unreachable")
+
+
+_ROTATION_RETRIES = 5
+
+
+def _load_weights(weights_path: Path, ema: bool, device) -> LoadedRun:
+    """``load`` of one verified weights file (and what lies beside it)."""
     meta, shapes = read_header(weights_path)
     config = _stored_config(weights_path, meta)
     with torch.device("meta"):
@@ -151,10 +167,9 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     guide, guide_step = kept if kept is not None else (None, None)
     if guide is not None:
         guide.to(device).eval().requires_grad_(False)
-    run = LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
-                    sample_kwargs={**sample_kwargs(config), **({"analytic": analytic} if analytic else {})},
-                    path=weights_path, step=step, guide=guide, guide_step=guide_step)
-    return _prepared(run, device, fast, amp)
+    return LoadedRun(model=model, schedule=schedule, config=config, shape=item_shape(config),
+                     sample_kwargs={**sample_kwargs(config), **({"analytic": analytic} if analytic else {})},
+                     path=weights_path, step=step, guide=guide, guide_step=guide_step)
 
 
 def _prepared(run: LoadedRun, device, fast: bool, amp: str | None) -> LoadedRun:
