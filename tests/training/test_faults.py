@@ -24,6 +24,7 @@ from ddpm.io import checkpoint, run as loading, files as rundir
 from ddpm.io.checkpoint import list_checkpoints
 from ddpm.io.run import load
 from ddpm.cli.main import main
+from ddpm.config import TrainConfig
 from ddpm.errors import UserError
 from ddpm.training.loop import TrainingDiverged, train
 from ddpm.nets.unet import UNet
@@ -376,6 +377,40 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(run
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match=r"No space left on device \([\d.]+ MB needed, 0.0 MB free\)"):
         train(tiny(**{"train.steps": 6}), out=run, resume=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 2.5 MB file system (tmpfs; needs root, as CI runs): room for about three tiny checkpoints."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes_once_freed(small_tmpfs):
+    out = small_tmpfs / "r"
+    proc = cli_process("train", *TINY, "--steps", "40", "--ckpt-every", "2", "--set", "train.keep_last=10",
+                       "--out", str(out))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and re.fullmatch(r"ddpm: error: cannot save checkpoint \S+: No space left on device "
+                                                 r"\([\d.]+ MB needed, [\d.]+ MB free\); the earlier checkpoints are "
+                                                 r"intact", last_line(err)), err
+    kept = [s for s, _ in list_checkpoints(out)]
+    assert kept and load(out).step == kept[-1]  # every checkpoint written is whole and verifies
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp", ".del"))]
+    for step in kept[:-1]:  # free space: the run goes on from its newest checkpoint
+        shutil.rmtree(out / f"ckpt-{step:07d}")
+    config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    train(config.override(**{"train.steps": kept[-1] + 2, "train.keep_last": 1}), out=out, resume=True)
+    assert load(out).step == kept[-1] + 2
 
 
 def test_a_file_size_limit_is_one_line_with_exit_2(run4, tmp_path):
