@@ -9,12 +9,14 @@ or the sample file.
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from pathlib import Path
 
 from .common import apply_variance, data_spec, load_run, resolve_device, sampling_conditioning
 from .options import add_model_args, add_sampling_args, add_variance_arg, positive, show_help
 from ..errors import UserError
+from ..io.files import atomic_write, own_dir
 
 # the example lines of each command, shown by it and all together by `ddpm eval --help`
 FID_EXAMPLES = """\
@@ -98,6 +100,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(text)).name or str(text)).strip("_")[:60] or "ref"
 
 
+def _eval_dir(run_dir: Path) -> Path:
+    """RUN/eval, where reports and kept samples go by default; a symbolic link there is refused
+    (``ddpm.io.files.own_dir``) rather than written through."""
+    return own_dir(Path(run_dir) / "eval")
+
+
 def _print_report(path: Path, summary: str) -> None:
     print(summary)
     print(f"report: {path}")
@@ -157,18 +165,20 @@ def cmd_fid(args) -> int:
     device = resolve_device(args.device)
     if is_run(src):
         run, device = load_run(args.source, args)
+        # before drawing 50,000 samples: a link planted at RUN/eval is refused now, not after
+        eval_dir = _eval_dir(run_dir_of(run)) if not (args.out and args.no_save_samples) else None
         num = args.num or 50_000
         samples, settings, cond = _draw(run, device, num, args, args.sample_batch_size or args.batch_size)
         images = to_uint8(samples)
-        run_dir = run_dir_of(run)
         tag = f"{settings.sampler}-{settings.steps}{_variance_tag(args)}{_cond_tag(args, cond)}-n{cond.num}-seed{args.seed}"
         extra = {**_run_fields(args, args.source, run, settings), **_cond_fields(args, cond)}
         if not args.no_save_samples:
-            samples_path = run_dir / "eval" / f"samples-{tag}.npz"
-            samples_path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(samples_path, images=images)
+            samples_path = eval_dir / f"samples-{tag}.npz"
+            buffer = io.BytesIO()
+            np.savez(buffer, images=images)
+            atomic_write(samples_path, buffer.getvalue())  # replaces a link there, never writes through it
             extra["samples_file"] = str(samples_path)
-        default_out = run_dir / "eval" / f"fid-{tag}-{_slug(args.ref)}.json"
+        default_out = None if eval_dir is None else eval_dir / f"fid-{tag}-{_slug(args.ref)}.json"
     elif src.is_file() and src.suffix == ".npz":
         images = _fid.load_npz_images(src)
         extra = {"samples_file": str(src.resolve())}
@@ -208,6 +218,7 @@ def cmd_nll(args) -> int:
     if args.timesteps != "all" and not args.timesteps.isdigit():
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
     run, device = load_run(args.run, args)
+    eval_dir = None if args.out else _eval_dir(run_dir_of(run))  # checked before the evaluation
     apply_variance(run, args.variance)
     spec = data_spec(args, run)
     shape = tuple(run.shape)
@@ -235,7 +246,7 @@ def cmd_nll(args) -> int:
               "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
               "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
     name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}{_variance_tag(args)}.json"
-    path = write_eval_report(args.out or run_dir_of(run) / "eval" / name, report)
+    path = write_eval_report(args.out or eval_dir / name, report)
     _print_report(path, f"NLL <= {out['bpd']:.4f} +- {out['stderr']:.4f} bits/dim ({out['estimate']}, "
                         f"{out['num_examples']} items; prior {out['prior_bpd']:.5f}, decoder {out['decoder_bpd']:.4f})")
     return 0
@@ -246,6 +257,7 @@ def cmd_toy(args) -> int:
     from ..evaluation.evaluate import run_dir_of, toy_metrics, write_eval_report
 
     run, device = load_run(args.run, args)
+    eval_dir = None if args.out else _eval_dir(run_dir_of(run))  # checked before sampling
     spec = data_spec(args, run)
     if not spec.startswith("toy:"):
         raise UserError(f"ddpm eval toy needs a toy run or --data toy:NAME; this run's data is {spec!r}")
@@ -254,7 +266,7 @@ def cmd_toy(args) -> int:
     report = toy_metrics(samples, spec[4:], seed=args.seed + 1)
     report.update({**_run_fields(args, args.run, run, settings), **_cond_fields(args, cond)})
     name = f"toy-{settings.sampler}-{settings.steps}{_variance_tag(args)}{_cond_tag(args, cond)}-n{cond.num}.json"
-    path = write_eval_report(args.out or run_dir_of(run) / "eval" / name, report)
+    path = write_eval_report(args.out or eval_dir / name, report)
     base = report["baseline_truth_vs_truth"]
     line = (f"energy distance {report['energy_distance']:.5f} (truth vs truth {base['energy_distance']:.5f}), "
             f"MMD^2 {report['mmd_rbf']:.5f} (truth vs truth {base['mmd_rbf']:.5f})")

@@ -7,11 +7,13 @@ along t of the first samples (``--trajectory``, DDPM Figure 6).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .common import apply_variance, load_run, sampling_conditioning
 from .options import add_sampling_args, positive
 from ..errors import UserError
+from ..io.files import atomic_write
 
 EXAMPLES = """examples:
   ddpm sample runs/mnist-20250101-120000 --num 64 --out digits.png
@@ -64,7 +66,9 @@ def cmd_sample(args) -> int:
         arrays = {"images": images} if images is not None else {"points": x0.numpy()}
         if cond.labels is not None:
             arrays["labels"] = cond.labels.numpy()  # label i of sample i
-        np.savez_compressed(out, **arrays)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(out, buffer.getvalue())  # as the PNG grids: whole or not at all, never through a link
     elif len(shape) == 3:
         viz.save_grid(x0, out, nrow=cond.per_class)  # --class all: one row per class
     else:

@@ -33,7 +33,7 @@ from ..core.device import model_device, pick_device
 from ..core.nll import nll_bpd
 from ..data.sources import open_source, toy_log_density, toy_sample
 from ..errors import UserError
-from ..io.files import atomic_write_text
+from ..io.files import atomic_write_text, open_append, own_dir
 from ..io.run import LoadedRun
 from ..sampling.batches import SamplerSettings, sample_batches
 from . import fid as _fid
@@ -320,9 +320,8 @@ def periodic_eval(run: LoadedRun, *, step: int, run_dir: str | os.PathLike, data
     finally:
         if was_training:
             model.train()
-    out_path = Path(run_dir) / "eval" / "periodic.jsonl"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a") as f:
+    # RUN/eval and the file itself: a symbolic link at either is refused, never appended through
+    with open_append(own_dir(Path(run_dir) / "eval") / "periodic.jsonl") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
     return record
 

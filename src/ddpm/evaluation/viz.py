@@ -1,11 +1,14 @@
 """Pictures: sample grids, 2-D scatter plots, denoising strips (Figure 6) and the schedule plot.
 
 Grids, scatters and strips are drawn with Pillow alone; only ``plot_schedules`` needs
-matplotlib (``pip install 'ddpm[plot]'``), imported when called.
+matplotlib (``pip install 'ddpm[plot]'``), imported when called. Images are encoded in memory and
+written with ``ddpm.io.files.atomic_write``: a viewer never reads half a PNG, and a symbolic link
+planted where a preview goes is replaced, not written through.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -17,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..core.schedules import SCHEDULES, NoiseSchedule
 from ..errors import UserError
+from ..io.files import atomic_write
 
 __all__ = ["to_uint8", "save_grid", "make_grid", "save_scatter", "save_trajectory_strip",
            "plot_schedules", "schedule_table"]
@@ -68,12 +72,20 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: int 
     return grid
 
 
-def _save_array(array: np.ndarray, path: str | os.PathLike) -> Path:
-
+def _write_image(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Encode ``image`` in the format its suffix names and write it atomically (see the docstring)."""
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (use .png)")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
-    return path
+    return atomic_write(path, buffer.getvalue())
+
+
+def _save_array(array: np.ndarray, path: str | os.PathLike) -> Path:
+    return _write_image(Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), path)
 
 
 def save_grid(images, path: str | os.PathLike, nrow: int | None = None, padding: int = 2) -> Path:
@@ -118,10 +130,7 @@ def save_scatter(points, path: str | os.PathLike, *, reference=None, size: int =
         rgb = np.asarray(canvas, dtype=np.float64)
         rgb = rgb * (1 - alpha) + np.asarray(color, dtype=np.float64) * alpha
         canvas = Image.fromarray(rgb.round().astype(np.uint8))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return _write_image(canvas, path)
 
 
 def save_trajectory_strip(x0_preds, path: str | os.PathLike, *, timesteps: Sequence[int] | None = None,

@@ -15,6 +15,14 @@
   publishes the folder; ``verify`` re-hashes the files and names the first one that differs.
 - Temporary names carry the writer's pid (``.tmp-PID-TOKEN-WHAT``, ``.del-PID-TOKEN-WHAT``), so
   ``sweep_temporaries`` removes only leftovers of this process or of processes that are gone.
+- Symbolic links: no file is written through a link found in a directory this package writes
+  (a run, an export, RUN/eval, RUN/samples), since a planted link could point at any file of the
+  user's. Files opened in place (the lock, ``log.jsonl``, ``eval/periodic.jsonl``) are opened with
+  ``O_NOFOLLOW`` (``open_nofollow``, ``open_append``): a link there is a one-line UserError naming
+  it. ``atomic_write`` creates its temporary with ``O_EXCL | O_NOFOLLOW`` and renames it over the
+  target, and a rename replaces a link itself, never its target: a link at the destination is
+  replaced by the new file (the file it pointed to is left as it was). Folders of a run the
+  package writes into (``own_dir``: samples/, eval/, tb/) are refused when they are links.
 """
 
 from __future__ import annotations
@@ -39,11 +47,19 @@ _FOREIGN_RE = re.compile(r"^\.tmp-ckpt-|^\.config\.json\.")
 # errno values that mean "this machine's resources or permissions", reported as one line.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
                    errno.ENOTDIR}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (Windows has none; creating a link there needs privileges)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def temp_name(what: str, kind: str = "tmp") -> str:
     """``.tmp-PID-TOKEN-what``: hidden, unique, and traceable to the process that made it."""
     return f".{kind}-{os.getpid()}-{secrets.token_hex(4)}-{what}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporaries a writer leaves in a run directory (ours, or the
+    ``tempfile`` names of ddpm 0.0.x), which ``sweep_temporaries`` removes."""
+    return bool(_OWNED_RE.match(name) or _FOREIGN_RE.match(name))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -75,10 +91,53 @@ def sweep_temporaries(run_dir: Path) -> None:
 
 def retire(path: Path) -> None:
     """Delete a folder by renaming it to a ``.del-`` name first (atomic), so a kill midway leaves
-    a temporary that the next sweep removes, never a half-deleted folder under its real name."""
+    a temporary that the next sweep removes, never a half-deleted folder under its real name. A
+    symbolic link is removed itself (rmtree would refuse it and leave it behind)."""
+    if os.path.islink(path):
+        os.unlink(path)
+        return
     gone = path.with_name(temp_name(path.name, "del"))
     os.replace(path, gone)
     shutil.rmtree(gone, ignore_errors=True)
+
+
+# -- symbolic links --------------------------------------------------------------------------------
+
+def refuse_link(path: str | os.PathLike) -> None:
+    """A one-line UserError when ``path`` is a symbolic link (dangling or not): see the module docstring."""
+    if os.path.islink(path):
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        raise UserError(f"{path} is a symbolic link{target}; ddpm writes no file through a link in a directory it "
+                        f"writes, as it could point anywhere: remove the link")
+
+
+def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that does not follow a symbolic link at ``path`` (``O_NOFOLLOW``): a link is a
+    one-line UserError naming it, never a write to the file it points to."""
+    try:
+        return os.open(path, flags | _NOFOLLOW | _CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link (or a loop of links above it)
+            refuse_link(path)
+        raise
+
+
+def open_append(path: str | os.PathLike):
+    """``path`` opened for appending UTF-8 text, created if missing (the umask applies), never
+    through a symbolic link (``open_nofollow``)."""
+    return os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
+def own_dir(path: str | os.PathLike) -> Path:
+    """A folder this package writes into inside a run (samples/, eval/, tb/), created if missing;
+    a symbolic link in its place is refused (``refuse_link``) rather than written through."""
+    path = Path(path)
+    refuse_link(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def fsync_dir(path: Path) -> None:
@@ -102,7 +161,8 @@ def _write_fd(fd: int, data: bytes) -> None:
 
 def write_durable(path: Path, data: bytes) -> str:
     """Create ``path`` (which must not exist) holding ``data``, fsync it; return its SHA-256."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    # O_EXCL fails on any existing name, a link included; O_NOFOLLOW says so once more.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
     try:
         _write_fd(fd, data)
         os.fsync(fd)
@@ -115,7 +175,8 @@ def write_durable(path: Path, data: bytes) -> str:
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename: a
-    reader sees the old file or the new one, never a part."""
+    reader sees the old file or the new one, never a part. A symbolic link at ``path`` is replaced
+    by the file, not written through (the rename replaces the link itself)."""
     path = Path(path)
     tmp = path.with_name(temp_name(path.name))
     try:
@@ -147,7 +208,7 @@ def atomic_folder(final: Path, files: dict[str, bytes]) -> dict[str, tuple[int, 
             digests[name] = (len(data), write_durable(tmp / name, data))
         for folder in {(tmp / name).parent for name in files}:
             fsync_dir(folder)
-        if final.exists():
+        if final.exists() or final.is_symlink():  # a link is removed, never followed
             retire(final)
         os.replace(tmp, final)
     except BaseException:
@@ -173,18 +234,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify(folder: Path, names) -> str | None:
+def verify(folder: Path, names, optional=()) -> str | None:
     """None when ``names`` in ``folder`` match its manifest (or it has none: checkpoints written
     before manifests existed load unverified); else what is wrong, e.g. ``"ema.safetensors:
-    SHA-256 mismatch"``."""
+    SHA-256 mismatch"``. Each of ``optional`` (a file only some checkpoints hold) is verified too
+    where the manifest lists it or the folder holds it."""
     manifest = Path(folder) / MANIFEST
     if not manifest.is_file():
         return None
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        held = [name for name in optional if name in files or os.path.lexists(Path(folder) / name)]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST}: unreadable"
-    for name in names:
+    for name in [*names, *held]:
         entry, path = files.get(name), Path(folder) / name
         if not isinstance(entry, dict):
             return f"{name}: not in {MANIFEST}"
@@ -218,7 +281,7 @@ class RunLock:
         self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)  # a planted link would have us truncate its target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -11,6 +11,7 @@ import torch
 from ..config import TrainConfig, item_shape, sample_kwargs
 from ..core import device as accel
 from ..evaluation import viz
+from ..io.files import own_dir
 from ..sampling.guidance import guide_kwargs
 from ..sampling.samplers import sample
 
@@ -44,6 +45,6 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
         x0 = sample(model, schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
                     generator=config.train.seed, device=device, **preview_kwargs(config), **cond,
                     **guide_kwargs(guide, s.autoguidance))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    own_dir(path.parent)  # RUN/samples: a link there is refused, not written through
     x0 = x0.float().cpu()
     viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..io.files import atomic_write_text
+from ..io.files import atomic_write_text, open_append, own_dir, refuse_link
 
 __all__ = ["RunLog", "LogWindow"]
 
@@ -77,9 +77,10 @@ class RunLog:
         self.world, self.file, self.tb = world, None, None
         if rank == 0:
             path = Path(run_dir) / "log.jsonl"
+            refuse_link(path)  # before reading it: a planted link is named, neither read nor appended to
             # the stop record at ``step`` goes when the window it averaged was carried on (still open)
             _drop_records_after(path, step, keep_stop_record=window.since == step)
-            self.file = stack.enter_context(open(path, "a", encoding="utf-8"))
+            self.file = stack.enter_context(open_append(path))
             self.tb = _tensorboard(Path(run_dir), purge_step=step + 1)
             if self.tb is not None:
                 stack.callback(self.tb.close)
@@ -171,4 +172,4 @@ def _tensorboard(run_dir: Path, purge_step: int):
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed
         return None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+    return SummaryWriter(str(own_dir(run_dir / "tb")), purge_step=purge_step)
