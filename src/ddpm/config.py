@@ -241,10 +241,18 @@ class SampleConfig:
     # autoguidance scale w (Karras et al. 2024): guide + w (model - guide), the guide being the EMA
     # kept at train.guide_at; 1 = off (also when a checkpoint holds no guide)
     autoguidance: float = 1.0
+    # both guidances only for model timesteps t in [t_lo, t_hi] (Kynkaanniemi et al. 2024); None: every step
+    guidance_interval: Optional[tuple] = None
 
     def __post_init__(self):
+        if isinstance(self.guidance_interval, list):
+            self.guidance_interval = tuple(self.guidance_interval)
         _check_fields(self)
         _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
+        gi = self.guidance_interval
+        _require(gi is None or (len(gi) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in gi)
+                                and 0 <= gi[0] <= gi[1]),
+                 f"sample.guidance_interval must be two timesteps [t_lo, t_hi] with 0 <= t_lo <= t_hi, got {gi}")
         _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
         _require(math.isfinite(self.guidance), f"sample.guidance must be a finite number, got {self.guidance}")
         _require(math.isfinite(self.autoguidance), f"sample.autoguidance must be a finite number, got {self.autoguidance}")
@@ -288,7 +296,8 @@ class DistillConfig:
 
     ``teacher`` is the teacher's run directory, ``teacher_checkpoint`` the weights file used (its
     ``teacher_step``), sampled on a ``teacher_steps`` grid with the guidance baked in
-    (``teacher_guidance``, ``teacher_autoguidance``); ``iters_per_round`` iterations per halving.
+    (``teacher_guidance``, ``teacher_autoguidance``, ``teacher_guidance_interval``); ``iters_per_round``
+    iterations per halving.
     """
 
     teacher: str
@@ -299,10 +308,13 @@ class DistillConfig:
     teacher_step: Optional[int] = None
     teacher_guidance: float = 1.0
     teacher_autoguidance: float = 1.0
+    teacher_guidance_interval: Optional[tuple] = None  # the teacher's sample.guidance_interval
     spacing: Literal["trailing"] = "trailing"
     parametrisation: Literal["v"] = "v"
 
     def __post_init__(self):
+        if isinstance(self.teacher_guidance_interval, list):
+            self.teacher_guidance_interval = tuple(self.teacher_guidance_interval)
         _check_fields(self)
         _require(1 <= self.steps < self.teacher_steps, f"distill.steps must lie in 1..teacher_steps - 1, got {self.steps}")
         _require(self.iters_per_round >= 1, f"distill.iters_per_round must be >= 1, got {self.iters_per_round}")
@@ -325,6 +337,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_fields(self)
+        gi = self.sample.guidance_interval
+        _require(gi is None or gi[1] <= self.diffusion.timesteps - 1,
+                 f"sample.guidance_interval {list(gi or ())} goes past the last timestep T - 1 = {self.diffusion.timesteps - 1}")
         problem = variance_channels_problem(self.model.learn_sigma, self.diffusion.variance, training=True)
         _require(problem is None, problem)
         _check_conditioning(self)

@@ -197,6 +197,35 @@ def test_sample_depends_only_on_its_seed_and_label(cond_run, tmp_path, capsys):
     assert len(set(uniform["labels"].tolist())) > 1  # labels drawn per sample
 
 
+def test_guidance_interval_from_the_command_line_and_as_the_run_default(cond_run, tmp_path, capsys):
+    import shutil
+
+    def draw(run, name, *argv):
+        code, _, err = cli(capsys, "sample", run, "--seed", "5", "--steps", "4", "--sampler", "ddim", "--num", "6",
+                           *argv, "--out", tmp_path / name)
+        assert code == 0, err
+        return np.load(tmp_path / name)["images"]
+
+    full = draw(cond_run, "full.npz")  # guidance 2 (the run's) at every step of T = 100
+    assert np.array_equal(full, draw(cond_run, "all.npz", "--guidance-interval", "0,99"))
+    assert np.array_equal(draw(cond_run, "w1.npz", "--guidance", "1"),
+                          draw(cond_run, "empty.npz", "--guidance-interval", "1,2"))  # no 4-step grid point in [1, 2]
+    high = draw(cond_run, "high.npz", "--guidance-interval", "50,99")
+    assert not np.array_equal(high, full)
+    # saved as the run's default (sample.guidance_interval), which --guidance-interval all overrides
+    run = tmp_path / "with-default"
+    shutil.copytree(cond_run, run)
+    assert cli(capsys, "train", "--resume", "--out", run, "--steps", "3", "--no-progress",
+               "--set", "sample.guidance_interval=[50,99]")[0] == 0
+    assert load(run).config.sample.guidance_interval == (50, 99)
+    by_default, everywhere = draw(run, "d.npz"), draw(run, "a.npz", "--guidance-interval", "all")
+    assert not np.array_equal(by_default, everywhere)
+    assert np.array_equal(by_default, draw(run, "d2.npz", "--guidance-interval", "50,99"))
+    for bad, needle in (("5,1", "0 <= LO <= HI"), ("a,b", "expected LO,HI"), ("0,100", "past the last timestep T - 1 = 99")):
+        code, _, err = cli(capsys, "sample", cond_run, "--guidance-interval", bad, "--out", tmp_path / "x.png")
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_eval_fid_draws_uniform_labels_or_the_class(cond_run, plain_run, tmp_path, capsys, monkeypatch):
     from ddpm.evaluation import evaluate, fid
 

@@ -102,6 +102,7 @@ class Conditioning:
     per_class: int | None
     num: int
     autoguidance: float = 1.0  # 1 = off (``_autoguidance``)
+    guidance_interval: tuple[int, int] | None = None  # (t_lo, t_hi); None: every step (``_interval``)
 
     def describe(self) -> str:
         """", class 7, guidance 3" and the like for the CLI's summary line ("" when unconditional)."""
@@ -113,7 +114,8 @@ class Conditioning:
             what = f"class {int(self.labels[0])}"
         else:
             what = "classes uniform"
-        return f", {what}, guidance {self.guidance:g}"
+        where = "" if self.guidance_interval is None else " for t in [{}, {}]".format(*self.guidance_interval)
+        return f", {what}, guidance {self.guidance:g}{where}"
 
 
 _DESTS = {"--class": "cls", "--guidance": "guidance", "--per-class": "per_class"}
@@ -167,20 +169,32 @@ def sampling_conditioning(run, args, num: int) -> Conditioning:
 
     from ..sampling.batches import uniform_labels
 
-    per_class, auto = getattr(args, "per_class", None), _autoguidance(run, args)
+    per_class, auto, iv = getattr(args, "per_class", None), _autoguidance(run, args), _interval(run, args)
     if run.num_classes is None:
         _refuse_unconditional(run, args, ("--class", "--guidance", "--per-class"))
-        return Conditioning(None, 1.0, None, num, auto)
+        return Conditioning(None, 1.0, None, num, auto, iv)
     K, guidance = run.num_classes, _guidance(run, args)
     if per_class is not None and args.cls != "all":
         raise UserError("--per-class goes with --class all (one row of PER_CLASS samples per class)")
     if args.cls == "all":
         per_class = per_class or max(1, num // K)
-        return Conditioning(torch.arange(K).repeat_interleave(per_class), guidance, per_class, K * per_class, auto)
+        return Conditioning(torch.arange(K).repeat_interleave(per_class), guidance, per_class, K * per_class, auto, iv)
     if args.cls is None:
-        return Conditioning(uniform_labels(args.seed, num, K), guidance, None, num, auto)
+        return Conditioning(uniform_labels(args.seed, num, K), guidance, None, num, auto, iv)
     label = class_label(run, args.cls)
-    return Conditioning(torch.full((num,), label, dtype=torch.long), guidance, None, num, auto)
+    return Conditioning(torch.full((num,), label, dtype=torch.long), guidance, None, num, auto, iv)
+
+
+def _interval(run, args) -> tuple[int, int] | None:
+    """--guidance-interval (``all``: every step), else the run's ``sample.guidance_interval``."""
+    given, T = getattr(args, "guidance_interval", None), run.schedule.num_timesteps
+    if given == "all":
+        return None
+    if given is None:
+        return run.config.sample.guidance_interval
+    if given[1] > T - 1:
+        raise UserError(f"--guidance-interval {given[0]},{given[1]} goes past the last timestep T - 1 = {T - 1}")
+    return given
 
 
 def editing_conditioning(run, args) -> tuple[int | None, float]:

@@ -121,18 +121,28 @@ def _draw(run, device, num: int, args, batch_size: int):
     cond = sampling_conditioning(run, args, num)
     x0 = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=batch_size, device=device, amp=args.amp,
                         progress=args.progress, labels=cond.labels, guidance=cond.guidance,
-                        autoguidance=cond.autoguidance)
+                        autoguidance=cond.autoguidance,
+                        guidance_interval=cond.guidance_interval or (0, run.schedule.num_timesteps - 1))
     return x0, settings, cond
+
+
+def _interval(cond) -> tuple[int, int] | None:
+    """The guidance interval where some guidance is on (it changes nothing otherwise)."""
+    guided = cond.autoguidance != 1 or (cond.labels is not None and cond.guidance != 1)
+    return cond.guidance_interval if guided else None
 
 
 def _cond_tag(args, cond) -> str:
     # unconditional runs sampled without autoguidance: no tag in the report's name
     auto = f"-ag{cond.autoguidance:g}" if cond.autoguidance != 1 else ""
+    auto += "-t{}-{}".format(*_interval(cond)) if _interval(cond) else ""
     return auto if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}{auto}"
 
 
 def _cond_fields(args, cond) -> dict:
     auto = {"autoguidance": cond.autoguidance} if cond.autoguidance != 1 else {}
+    if _interval(cond):
+        auto["guidance_interval"] = list(_interval(cond))
     if cond.labels is None:
         return auto
     return {"class": args.cls or "uniform", "guidance": cond.guidance, **auto}

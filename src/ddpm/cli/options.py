@@ -80,6 +80,10 @@ def add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, nu
     p.add_argument("--autoguidance", type=finite, default=None, metavar="W",
                    help="runs that kept a guide (train.guide_at): guide + W (model - guide), autoguidance by the "
                    "network earlier in its training; 1 = off (default: the run's sample.autoguidance)")
+    p.add_argument("--guidance-interval", type=interval, default=None, metavar="LO,HI",
+                   help="apply --guidance and --autoguidance only at steps whose model timestep t (0 = the first "
+                   "noising step, T-1 = pure noise) lies in [LO, HI], one network call elsewhere (Kynkaanniemi et "
+                   "al. 2024); 'all' = every step (default: the run's sample.guidance_interval)")
     p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
                    help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
                    "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")
@@ -106,3 +110,17 @@ def show_help(parser: argparse.ArgumentParser) -> int:
     """A command without its subcommand (bare ``ddpm``, ``ddpm eval``) shows what there is: exit 2."""
     parser.print_help()
     return 2
+
+
+def interval(text: str) -> tuple[int, int] | str:
+    """``--guidance-interval LO,HI`` (two integers) or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    parts = text.split(",")
+    try:
+        lo, hi = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two timesteps, e.g. 100,800) or all, got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi

@@ -57,7 +57,8 @@ def cmd_sample(args) -> int:
     cond = sampling_conditioning(run, args, args.num)  # --class all: num = K x per class
     result = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
                             progress=args.progress, return_trajectory=bool(args.trajectory), labels=cond.labels,
-                            guidance=cond.guidance, autoguidance=cond.autoguidance)
+                            guidance=cond.guidance, autoguidance=cond.autoguidance,
+                            guidance_interval=cond.guidance_interval or (0, run.schedule.num_timesteps - 1))
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":
@@ -78,6 +79,8 @@ def cmd_sample(args) -> int:
         cols = torch.linspace(0, len(ts) - 1, min(10, len(ts))).round().long()
         viz.save_trajectory_strip(x0s[cols], args.trajectory, timesteps=[int(ts[i]) for i in cols])
     guided = f", autoguidance {cond.autoguidance:g} by step {run.guide_step}" if cond.autoguidance != 1 else ""
+    if guided and cond.guidance_interval is not None and cond.labels is None:
+        guided += " for t in [{}, {}]".format(*cond.guidance_interval)
     print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}{guided}, "
           f"{run.path}) to {out}")
     return 0

@@ -91,7 +91,7 @@ def check_sampling_memory(num: int, batch: int, shape: tuple, device) -> None:
 def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, batch_size: int = 256,
                    device: str | torch.device = "cpu", amp: str | None = None, progress: bool | None = None,
                    return_trajectory: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0,
-                   autoguidance: float | None = None):
+                   autoguidance: float | None = None, guidance_interval: tuple[int, int] | None = None):
     """Draw ``num`` samples (num, *run.shape) as float32 on the CPU, ``batch_size`` at a time.
 
     ``run`` is a ``ddpm.LoadedRun`` (``ddpm.load``'s, or one built around a network in training,
@@ -104,7 +104,9 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
     as ``ddpm.sample`` gives it (on ``device``). A class-conditional run takes ``labels`` (num,),
     label i for sample i, and the classifier-free ``guidance`` scale, as ``ddpm.sample`` does.
     A run that kept an autoguidance guide (``run.guide``) is guided by it at ``autoguidance``
-    (default: the run's ``sample.autoguidance``; 1 = off).
+    (default: the run's ``sample.autoguidance``; 1 = off). ``guidance_interval`` (t_lo, t_hi) limits
+    both guidances to those model timesteps (default: the run's ``sample.guidance_interval``; None:
+    every step; (0, T - 1) asks for every step whatever the run's default).
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
@@ -117,6 +119,8 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
         model = model.to(device).eval()
     schedule = run.schedule.to(device)
     guide = run.guide_kwargs(autoguidance)
+    if guidance_interval is None:
+        guidance_interval = run.config.sample.guidance_interval
     if guide:
         guide["guide"] = guide["guide"].to(device).eval()
     starts = range(0, num, batch_size)
@@ -130,7 +134,7 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
                                 generator=per_sample_seeds(seed, n, offset=start, device=device), device=device,
                                 return_trajectory=return_trajectory and start == 0, guidance=guidance,
                                 labels=None if labels is None else labels[start:start + n].to(device),
-                                **run.sample_kwargs, **guide)
+                                guidance_interval=guidance_interval, **run.sample_kwargs, **guide)
             if isinstance(result, tuple):
                 result, trajectory = result
             chunks.append(result.float().cpu())

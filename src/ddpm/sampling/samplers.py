@@ -44,7 +44,7 @@ from ..core.diffusion import (
 from ..core.noise import Generator, gaussian_noise, per_sample_seeds, resolve_seeds
 from ..core.schedules import NoiseSchedule
 from .grids import SPACINGS, timestep_grid
-from .guidance import autoguided_model, check_guidance, guided_model
+from .guidance import autoguided_model, check_guidance, check_interval, guided_model, interval_model
 
 __all__ = ["SAMPLERS", "SPACINGS", "Generator", "Model", "ancestral_step", "call_model", "clean_prediction",
            "default_steps", "gaussian_noise", "per_sample_seeds", "sample", "timestep_grid"]
@@ -87,6 +87,7 @@ def sample(
     guidance: float = 1.0,
     guide: Model | None = None,
     autoguidance: float = 1.0,
+    guidance_interval: tuple[int, int] | None = None,
 ):
     """Draw samples of ``shape`` (B, ...) from ``model(x_t, t)``, e.g. (B, C, H, W) or (B, 2).
 
@@ -115,12 +116,21 @@ def sample(
     Autoguidance (Karras et al. 2024): ``guide`` is the same network earlier in its training (a
     run's ``guide_kwargs``) and ``autoguidance`` w the scale, output_guide + w (output - output_guide),
     formed after classifier-free guidance of each (``ddpm.sampling.guidance.autoguided_model``).
+
+    ``guidance_interval`` (t_lo, t_hi), two model timesteps 0 <= t_lo <= t_hi <= T - 1 (the units
+    of ``t`` everywhere here: 0 is the first noising step, T - 1 pure noise): both guidances apply
+    only at steps whose t lies in [t_lo, t_hi]; elsewhere the model runs once, conditional without
+    guidance (w = 1) and without its guide (Kynkäänniemi et al. 2024). None: every step.
     """
     grid, device, dtype = _check_options(model, schedule, shape, sampler, steps, eta, spacing, variance, prediction,
                                          x_T, device, guide, autoguidance, analytic)
+    interval = check_interval(guidance_interval, schedule.num_timesteps)
+    unguided = guided_model(model, labels, 1.0, shape[0], device) if interval is not None else None
     model = guided_model(model, labels, guidance, shape[0], device)  # the model itself when unconditional
     if guide is not None:  # both networks guided by the labels first, then one by the other
         model = autoguided_model(model, guided_model(guide, labels, guidance, shape[0], device), autoguidance)
+    if interval is not None:
+        model = interval_model(model, unguided, interval)
     # Everything the loop needs lives on the device from here on: no host round trips per step.
     seeds = resolve_seeds(generator, shape[0], device)
     # Algorithm 2, line 1: x_T ~ N(0, I) (draw 0 of each sample's seed).

@@ -35,7 +35,7 @@ from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_s
     save_checkpoint
 from ..io.files import RunLock, atomic_write_text, open_append, refuse_link, sweep_temporaries
 from ..io.run import LoadedRun, load
-from ..sampling.guidance import autoguided_model, guided_model
+from ..sampling.guidance import autoguided_model, guided_model, interval_model
 from . import guards
 from .budget import TimeBudget
 from .data import get_batch, open_training_data
@@ -133,11 +133,12 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
         steps=steps, iters_per_round=iters, teacher_step=run.step,
         teacher_guidance=s.guidance if c.distill is None else c.distill.teacher_guidance,
         teacher_autoguidance=(s.autoguidance if run.guide is not None else 1.0) if c.distill is None
-        else c.distill.teacher_autoguidance)
+        else c.distill.teacher_autoguidance,
+        teacher_guidance_interval=s.guidance_interval if c.distill is None else c.distill.teacher_guidance_interval)
     config = c.override(**{
         "diffusion.prediction": STUDENT_PREDICTION, "diffusion.clip_denoised": False,
         "sample.sampler": "ddim", "sample.steps": steps, "sample.eta": 0.0, "sample.guidance": 1.0,
-        "sample.autoguidance": 1.0, "train.steps": iters * len(plan), "train.seed": seed,
+        "sample.autoguidance": 1.0, "sample.guidance_interval": None, "train.steps": iters * len(plan), "train.seed": seed,
         "train.batch_size": batch_size or c.train.batch_size, "train.grad_accum": 1, "train.max_minutes": max_minutes,
         "train.ckpt_every": ckpt_every, "train.log_every": log_every, "train.guide_at": None,
         "optim.lr": lr or c.optim.lr, "name": f"{c.name.split('-distill')[0]}-distill{steps}"})
@@ -158,12 +159,15 @@ def _teacher_model(run: LoadedRun):
     distilled = run.config.distill is not None  # then its guidance is baked in already
     w = 1.0 if distilled else run.config.sample.guidance
     auto = {} if distilled else run.guide_kwargs()
+    interval = None if distilled else run.config.sample.guidance_interval
 
     def teacher(x, t, labels=None):
         net = guided_model(run.model, labels, w, x.shape[0], x.device)
         if auto:
             net = autoguided_model(net, guided_model(auto["guide"], labels, w, x.shape[0], x.device),
                                    auto["autoguidance"])
+        if interval is not None:  # as `ddpm sample` guides: only in the run's guidance interval
+            net = interval_model(net, guided_model(run.model, labels, 1.0, x.shape[0], x.device), interval)
         return net(x, t)
 
     return teacher

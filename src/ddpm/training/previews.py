@@ -29,7 +29,8 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
                  guide=None) -> None:
     """A grid (images) or scatter plot (2-D points) of ``config.sample`` samples from ``model``,
     seeded by ``train.seed``, so that previews of successive steps show the same noise; autoguided
-    by ``guide`` (``train.guide_at``) with ``sample.autoguidance`` once the run has kept one."""
+    by ``guide`` (``train.guide_at``) with ``sample.autoguidance`` once the run has kept one; both
+    guidances only in ``sample.guidance_interval`` when one is set."""
 
     s, shape = config.sample, item_shape(config)
     n = s.num if len(shape) == 1 else min(s.num, 64)
@@ -44,7 +45,7 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
     with torch.no_grad(), accel.autocast(device, amp):
         x0 = sample(model, schedule, (n, *shape), sampler=s.sampler, steps=s.steps, eta=s.eta,
                     generator=config.train.seed, device=device, **preview_kwargs(config), **cond,
-                    **guide_kwargs(guide, s.autoguidance))
+                    **guide_kwargs(guide, s.autoguidance), guidance_interval=s.guidance_interval)
     own_dir(path.parent)  # RUN/samples: a link there is refused, not written through
     x0 = x0.float().cpu()
     viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)
