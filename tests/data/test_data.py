@@ -205,9 +205,8 @@ def test_folder_grey_default_and_bad_files(tmp_path):
     source = open_source(f"folder:{root}")
     assert source.shape == (1, 10, 10) and (source[0] == 1).all()
     (root / "b.png").write_bytes(b"not a png")
-    source = open_source(f"folder:{root}")
-    with pytest.raises(UserError, match="cannot read image .*b.png"):
-        source[1]
+    with pytest.raises(UserError, match="cannot read image .*b.png: not an image file"):
+        open_source(f"folder:{root}")  # every file is checked when the source opens (issue 23)
 
 
 # -- npz ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import analytic, distill, eval, export, inpaint, interpolate, report, sample, schedules, train
 from .options import show_help
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # PIL warns about an image past Image.MAX_IMAGE_PIXELS (up to twice that) and decodes it anyway:
+    # as an error, ddpm.data.images refuses it in one line, as it does one past twice the limit.
+    warnings.filterwarnings("error", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -14,11 +14,15 @@ nll``); a saved ``DatasetDict`` with a single split uses that split. The image c
 ``image_column`` or the first ``Image`` feature; the label column is ``label_column``, or a
 ``ClassLabel`` feature named label, labels, class, ... (or the only ``ClassLabel``), or an integer
 column of one of those names. ``ClassLabel`` names become the source's ``class_names``. Images are
-decoded when indexed and resized/centre-cropped like the images of ``folder:`` sources.
+decoded when indexed and resized/centre-cropped like the images of ``folder:`` sources; ddpm
+decodes them itself (``ddpm.data.images.read_image``, the column read with ``decode=False``), so
+a damaged, foreign or oversized image is one line naming its row and file. Unlike a folder's files
+they are not all checked before training: that would read the whole data set.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError, first_line
-from .images import PILSource
+from .images import PILSource, read_image
 from .labels import check_labels
 
 __all__ = ["HFSource", "open_hf", "LABEL_NAMES", "INSTALL_HINT"]
@@ -118,6 +122,8 @@ class HFSource(PILSource):
         self.name = name
         self.image_column, self.label_column = image_column, label_column
         self._images = ds.select_columns([image_column])  # decode only the image column
+        if isinstance(ds.features[image_column], _datasets().Image):  # decoded here, by read_image
+            self._images = self._images.cast_column(image_column, _datasets().Image(decode=False))
         self._set_shape(image_size, channels)
         if label_column is not None:
             values = ds.select_columns([label_column]).with_format("numpy")[:][label_column]
@@ -136,6 +142,13 @@ class HFSource(PILSource):
     def _image(self, index: int):
 
         value = self._images[int(index)][self.image_column]
+        if isinstance(value, dict) and set(value) == {"bytes", "path"}:  # an Image column, undecoded
+            where = f"{self.name} row {int(index)}" + (f" ({value['path']})" if value["path"] else "")
+            if value["bytes"] is not None:
+                return read_image(io.BytesIO(value["bytes"]), name=where)
+            if value["path"]:
+                return read_image(value["path"], name=where)
+            raise UserError(f"{where} holds no image (neither bytes nor a path)")
         if isinstance(value, Image.Image):
             return value
         array = np.asarray(value)  # an array column (H, W) or (H, W, C) of 0..255 integers

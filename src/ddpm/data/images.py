@@ -1,12 +1,21 @@
 """Images as the data sources hold them: uint8 (or float) tensors mapped to [-1, 1], resized to
 cover a size and centre-cropped, converted between grey, RGB and RGBA; images decoded with PIL
 when indexed (``PILSource``, the base of folder and Hugging Face sources).
+
+Every image file this package opens goes through ``read_image`` (or ``check_image_file``, which
+a folder source runs on each file before training): a file that is not an image, one cut short,
+or one whose header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (a decompression bomb:
+a few kB that would decode to gigabytes) is a one-line UserError naming it, never a traceback.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import struct
+import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 import torch
@@ -116,12 +125,74 @@ class PILSource(Labelled, Dataset):
         return f"{type(self).__name__}({self.name!r}, n={len(self)}, shape={self.shape})"
 
 
-def read_image(path: Path):
-    """A PIL image, fully read; an unreadable file is a UserError naming it."""
+# What PIL's decoders raise on a damaged or crafted file, besides OSError (UnidentifiedImageError too).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error)
+# Image.open's own refusal past 2 x MAX_IMAGE_PIXELS, and its warning past 1 x, which the CLI turns
+# into an error (``ddpm.cli.main``): both are too large.
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every PNG
 
+
+def _too_large(name, pixels: int) -> UserError:
+    return UserError(f"image {name} is too large to decode safely: {pixels:,} pixels, past the limit of "
+                     f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); a decompression bomb?")
+
+
+def _bomb_pixels(exc: Exception) -> int:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(found.group(1)) if found else 0
+
+
+def _open_checked(source: str | os.PathLike | IO[bytes], name) -> Image.Image:
+    """``Image.open`` (the header only) with the size checked before any pixel is decoded."""
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+        image = Image.open(source)
+    except _BOMB as exc:
+        raise _too_large(name, _bomb_pixels(exc)) from None
+    except _DECODE_ERRORS as exc:
+        raise UserError(f"cannot read image {name}: {_reason(exc)}") from None
+    width, height = image.size
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise _too_large(name, width * height)
     return image
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file (or a format PIL does not read)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_image(source: str | os.PathLike | IO[bytes], name=None) -> Image.Image:
+    """A PIL image, fully decoded, from a file (or a file object, with ``name`` to call it by in
+    messages); see the module docstring for what is refused."""
+    name = source if name is None else name
+    image = _open_checked(source, name)
+    try:
+        image.load()
+    except _BOMB as exc:  # (formats whose frames are sized only when decoded)
+        image.close()
+        raise _too_large(name, _bomb_pixels(exc)) from None
+    except _DECODE_ERRORS as exc:
+        image.close()
+        raise UserError(f"cannot read image {name}: {_reason(exc)}") from None
+    return image
+
+
+def check_image_file(path: Path) -> None:
+    """What can be told without decoding: that ``path`` is an image PIL identifies, within the size
+    limit, and, for a PNG, not cut short (it ends with its IEND chunk). A data source runs this on
+    every file before training, so that a bad file stops the run at its start, named; damage
+    inside a file is found when it is decoded (``read_image``), also as one line naming it."""
+    with _open_checked(path, path) as image:
+        png = image.format == "PNG"
+    if png:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 1024))
+            tail = f.read()
+        if _PNG_END not in tail:  # (data after IEND is tolerated, as PIL does)
+            raise UserError(f"cannot read image {path}: it is truncated (no IEND chunk at its end)")

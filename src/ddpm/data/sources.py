@@ -44,7 +44,8 @@ from torch.utils.data import Dataset
 from ..core.shapes import image_hw
 from ..errors import UserError
 from .hf import open_hf
-from .images import CHANNELS, IMAGE_SUFFIXES, PILSource, convert_channels, fit_size, read_image, to_unit_range
+from .images import (CHANNELS, IMAGE_SUFFIXES, PILSource, check_image_file, convert_channels, fit_size, read_image,
+                     to_unit_range)
 from .labels import Labelled, check_class_names, check_labels, require_labels
 from .readers import CIFAR10_CLASSES, MNIST_CLASSES, load_cifar10, load_mnist
 from .toy import TOY_SETS, ToySource, check_toy, toy_log_density, toy_sample
@@ -129,6 +130,8 @@ class FolderSource(PILSource):
                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.paths:
             raise UserError(f"no images found in {directory} (looked for .png, .jpg, .jpeg)")
+        for path in self.paths:  # headers only (~25 us a file): a bad file stops the run before training
+            check_image_file(path)
         self.name = f"folder:{directory}"
         self._set_shape(image_size, channels)
         top = [p.relative_to(root).parts for p in self.paths]

@@ -28,10 +28,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.images import IMAGE_SUFFIXES
+from ..data.images import IMAGE_SUFFIXES, read_image
 from ..errors import UserError
 from ..io.files import atomic_write, sha256_file
 from .viz import to_uint8
@@ -343,7 +342,7 @@ def iter_batches(source, batch_size: int, limit: int | None = None) -> Iterator[
 
             frames = []
             for p in source[start:stop]:
-                with Image.open(p) as im:
+                with read_image(p) as im:  # a damaged, foreign or oversized file: one line naming it
                     frames.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
             if len({f.shape for f in frames}) != 1:
                 raise UserError(f"images in one folder must share one size; found {sorted({f.shape for f in frames})}")
