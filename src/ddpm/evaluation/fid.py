@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..data.images import IMAGE_SUFFIXES, read_image
 from ..errors import UserError
 from ..io.files import atomic_write, sha256_file
+from ..io.state import load_tensors
 from .viz import to_uint8
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -117,10 +118,7 @@ def build_inception(weights: InceptionWeights, device: str | torch.device = "cpu
     strict ``load_state_dict`` (every key present, every shape equal, nothing extra).
     """
     extractor_cls = _import_extractor()
-    try:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{weights.path} is not a PyTorch state dict of tensors ({exc.__class__.__name__})") from exc
+    state = load_tensors(weights.path, "Inception weights file")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{weights.path} is not a state dict of tensors")
     try:

@@ -53,7 +53,7 @@ from .files import (
     sweep_temporaries,
     verify,
 )
-from .state import check_state
+from .state import check_state, load_tensors
 
 __all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint",
            "save_checkpoint", "restore_training_state"]
@@ -190,11 +190,7 @@ def _sweep(run_dir: Path, step: int) -> None:
 
 def read_state(ckpt_dir: Path) -> dict:
     """The training state of a checkpoint (torch.load with weights_only=True)."""
-    path = Path(ckpt_dir) / "state.pt"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
+    return load_tensors(Path(ckpt_dir) / "state.pt")
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:

@@ -64,6 +64,7 @@ from ..nets.unet import UNet
 from ..sampling.grids import timestep_grid
 from .checkpoint import read_weights
 from .files import atomic_folder
+from .state import load_tensors
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The diffusers release whose file format this module writes (every key below exists there).
@@ -160,10 +161,7 @@ def _read_unet_weights(unet_dir: Path) -> tuple[dict, Path]:
             continue
         if name.endswith(".safetensors"):
             return read_weights(file)[0], file
-        try:  # the older pickle format; weights_only refuses anything but tensors
-            return torch.load(file, map_location="cpu", weights_only=True), file
-        except Exception as exc:
-            raise UserError(f"cannot read {file}: {first_line(exc)}") from None
+        return load_tensors(file, "weights file"), file  # the older pickle format: tensors only
     raise UserError(f"{unet_dir}: no {' or '.join(WEIGHT_FILES)} (sharded or variant weights are not supported)")
 
 

@@ -6,6 +6,10 @@ checks little (group and parameter counts), and the fused Adam kernel trusts eve
 have its parameter's shape: one of the wrong shape corrupts the heap (a segfault, not an
 exception). So every field is checked here and any mismatch is a one-line UserError.
 
+Every pickle file this package reads goes through ``load_tensors`` (``torch.load`` with
+``weights_only=True``), whose refusals name the file and what it holds, and never pass on torch's
+advice to load the file again with the check turned off: a file that needs that holds code.
+
 Expected layout (written by ``ddpm.training.loop``)::
 
     {"step": int, "optimizer": {"state": {i: {"step": 0-d float tensor, "exp_avg": T_i,
@@ -22,6 +26,8 @@ Expected layout (written by ``ddpm.training.loop``)::
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +44,32 @@ class _Invalid(Exception):
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise _Invalid(what)
+
+
+# torch names the first global the restricted unpickler refused ("Unsupported global: GLOBAL os.system
+# was not an allowed global"); the name comes from the file, so only a plain dotted name is shown.
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]{0,80}) was not")
+
+
+def load_tensors(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU: nothing but tensors, numbers and plain
+    containers is unpickled. A refusal is a one-line UserError naming the file: one that holds
+    other objects (pickled classes or functions: code, which no ``what`` ever holds), or a damaged
+    or foreign file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the restricted unpickler refused it
+        found = _GLOBAL_RE.search(str(exc))
+        if found:
+            raise UserError(f"refusing {what} {path}: it holds a pickled reference to {found.group(1)}, code or an "
+                            f"object that a {what} never holds; it was not loaded") from None
+        raise UserError(f"refusing {what} {path}: it is damaged, or holds pickled data other than tensors; it was "
+                        f"not loaded") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or type(exc).__name__}") from None
+    except Exception:  # a damaged zip archive or tensor record (torch's text may say anything)
+        raise UserError(f"cannot read {what} {path}: it is damaged or truncated, or not a file torch.save "
+                        f"wrote") from None
 
 
 def _is_int(x) -> bool:

@@ -1,0 +1,93 @@
+"""Hostile files and odd output directories (issue 23, items 3, a, b, c).
+
+- A pickle payload in a file read with ``torch.load(weights_only=True)`` is refused in one line that
+  names the file and what it holds, and never passes on torch's advice to turn the check off.
+- A damaged ``guide.safetensors`` in the newest checkpoint: ``ddpm sample RUN`` and a resume fall
+  back to the newest checkpoint that verifies, as for damaged weights.
+- ``ddpm train --out DIR`` where DIR holds something other than a ddpm run is refused before a
+  byte is written there.
+- An --out that cannot be written is one line, exit 2.
+Each test failed before its fix, except the read-only ones, which guard the behaviour that held.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import pytest
+import torch
+
+from ddpm.cli.main import main
+from ddpm.errors import UserError
+from ddpm.io.state import load_tensors
+from ddpm.training.loop import train
+from test_faults import flip_bytes, rewrite_manifest
+
+TINY = ["--preset", "tiny", "--no-progress"]
+
+
+def one_line(capsys, argv, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1] if err.strip() else ""
+
+
+class Payload:
+    """What a forger pickles: unpickling it would call a function (print here, harmlessly)."""
+
+    def __reduce__(self):
+        return (print, ("this should never run",))
+
+
+# -- 3. pickle payloads -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, tiny):
+    return train(tiny(), out=tmp_path_factory.mktemp("hostile") / "r")
+
+
+def test_a_pickle_payload_in_state_pt_is_refused_without_unsafe_advice(run4, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    ckpt = run / "ckpt-0000004"
+    torch.save({"step": 4, "optimizer": Payload()}, ckpt / "state.pt")
+    rewrite_manifest(ckpt)  # a forger makes the checksums match
+    line = one_line(capsys, ["train", "--resume", "--out", str(run), "--steps", "6", "--no-progress"])
+    assert f"{ckpt / 'state.pt'}" in line and "print" in line and "never holds" in line, line
+    assert "weights_only" not in line and "False" not in line and "trust" not in line, line
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("content", ["payload", "object", "garbage", "cut"])
+def test_every_refusal_of_load_tensors_names_the_file_and_never_the_way_around(tmp_path, content):
+    path = tmp_path / "weights.bin"
+    if content == "payload":
+        torch.save({"w": torch.zeros(2), "x": Payload()}, path)
+    elif content == "object":
+        torch.save({"w": torch.zeros(2), "x": torch.nn.Linear(1, 1)}, path)  # a module: code, by reference
+    elif content == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 10)
+    else:
+        torch.save({"w": torch.zeros(100)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError) as info:
+        load_tensors(path, "weights file")
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    said = message.replace(str(path), "PATH")  # (pytest's folder is named after the test)
+    assert "weights_only" not in said and "False" not in said and "trust" not in said, message
+
+
+def test_a_pickled_diffusers_bin_with_a_payload_is_refused(tmp_path):
+    from ddpm.io.diffusers import _read_unet_weights
+
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    torch.save({"conv_in.weight": torch.zeros(1), "x": Payload()}, unet / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match=r"refusing weights file \S+diffusion_pytorch_model.bin: it holds a pickled "
+                                        r"reference to \S*print") as info:
+        _read_unet_weights(unet)
+    assert "weights_only" not in str(info.value)
