@@ -91,3 +91,39 @@ def test_a_pickled_diffusers_bin_with_a_payload_is_refused(tmp_path):
                                         r"reference to \S*print") as info:
         _read_unet_weights(unet)
     assert "weights_only" not in str(info.value)
+
+
+# -- a. a damaged guide -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory, tiny):
+    """A 6-step tiny run that keeps its autoguidance guide at step 4 (past 0.3 of its decay phase,
+    steps 2..6): checkpoints 4 and 6 hold it, checkpoint 2 does not."""
+    config = tiny(**{"train.steps": 6, "train.keep_last": 3, "train.guide_at": 0.3, "sample.autoguidance": 2.0})
+    run = train(config, out=tmp_path_factory.mktemp("guided") / "r")
+    assert [(run / f"ckpt-000000{s}" / "guide.safetensors").is_file() for s in (2, 4, 6)] == [False, True, True]
+    return run
+
+
+def test_a_damaged_guide_falls_back_to_the_newest_intact_checkpoint(guided, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(guided, run)
+    flip_bytes(run / "ckpt-0000006" / "guide.safetensors")
+    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert "ckpt-0000006 is damaged (guide.safetensors: SHA-256 mismatch); using" in err and "ckpt-0000004" in err
+    # a named checkpoint is refused, as for damaged weights
+    line = one_line(capsys, ["sample", str(run / "ckpt-0000006"), "--num", "2", "--out", str(tmp_path / "y.png")])
+    assert "ckpt-0000006 is damaged (guide.safetensors: SHA-256 mismatch)" in line
+    # so is a resume: it goes on from step 4, with the guide kept there
+    assert main(["train", "--resume", "--out", str(run), "--steps", "7", "--no-progress"]) == 0
+    assert "ckpt-0000006 is damaged" in capsys.readouterr().err
+    assert (run / "ckpt-0000007" / "guide.safetensors").is_file()
+
+
+def test_a_deleted_guide_listed_in_the_manifest_falls_back_too(guided, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(guided, run)
+    (run / "ckpt-0000006" / "guide.safetensors").unlink()
+    assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    assert "guide.safetensors: size differs" in capsys.readouterr().err

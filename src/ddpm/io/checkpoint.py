@@ -60,6 +60,8 @@ __all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+GUIDE_NAME = "guide"  # ckpt-*/guide.safetensors: the autoguidance guide, when the run keeps one
+GUIDE_FILE = f"{GUIDE_NAME}.safetensors"
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -82,14 +84,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def latest_verified_checkpoint(run_dir: Path, names=FILES) -> Path | None:
-    """The newest checkpoint whose ``names`` match its manifest; None if the run has none.
+    """The newest checkpoint whose ``names`` (and autoguidance guide, where it has one) match its
+    manifest; None if the run has none.
 
     Damaged newer ones are skipped with one line on stderr; if every one is damaged that is a
     UserError listing them (never a silent fresh start).
     """
     damaged = []
     for _, folder in reversed(list_checkpoints(run_dir)):
-        problem = verify(folder, names)
+        problem = verify(folder, names, optional=(GUIDE_FILE,))
         if problem is None:
             if damaged:
                 print(f"ddpm: {'; '.join(damaged)}; using {folder}", file=sys.stderr)
@@ -304,12 +307,11 @@ def _restore_timestep_sampler(sampler, saved, path: Path) -> None:
 
 
 ANALYTIC_FILE = "analytic.json"
-GUIDE_NAME = "guide"  # ckpt-*/guide.safetensors: the autoguidance guide, when the run keeps one
 
 
 def guide_path(weights_path: Path) -> Path:
     """Where the autoguidance guide of the weights ``weights_path`` lives: beside them."""
-    return Path(weights_path).parent / f"{GUIDE_NAME}.safetensors"
+    return Path(weights_path).parent / GUIDE_FILE
 
 
 def read_guide(weights_path: Path, model_config) -> tuple[torch.nn.Module, int] | None:
