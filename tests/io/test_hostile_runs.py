@@ -127,3 +127,91 @@ def test_a_deleted_guide_listed_in_the_manifest_falls_back_too(guided, tmp_path,
     (run / "ckpt-0000006" / "guide.safetensors").unlink()
     assert main(["sample", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
     assert "guide.safetensors: size differs" in capsys.readouterr().err
+
+
+# -- b. an --out that is not a run ----------------------------------------------------------------------
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_out_holding_other_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "thesis"
+    (out / "chapters").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes\n")
+    (out / "chapters" / "one.tex").write_text("\\chapter{One}\n")
+    before = snapshot(out)
+    for extra in ([], ["--resume"]):
+        line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(out), *extra])
+        assert str(out) in line and ("not a ddpm run and not empty (it holds chapters and 1 more)" in line
+                                     or "holds no run" in line), line
+        assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["chapters", "notes.txt"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--resume"]])
+def test_an_out_holding_another_programs_config_json_is_refused(tmp_path, capsys, extra):
+    out = tmp_path / "pipeline"
+    out.mkdir()
+    (out / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 32}\n')
+    before = snapshot(out)
+    line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(out), *extra])
+    assert f"{out} is not a ddpm run: its config.json is not a run config" in line, line
+    # --resume without --preset reads RUN/config.json itself: it names the file
+    line = one_line(capsys, ["train", "--resume", "--no-progress", "--out", str(out)])
+    assert f"{out / 'config.json'}: config needs a 'model' table" in line, line
+    assert snapshot(out) == before and [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_what_a_run_that_failed_to_start_leaves_is_trained_over(tmp_path, capsys, tiny):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("12345\n")  # left by a run killed before it wrote its config
+    (out / ".tmp-1-0a0a0a0a-config.json").write_text("{")
+    assert train(tiny(**{"train.steps": 2}), out=out) == out
+    started = tmp_path / "started"  # a run killed after its config.json, before a checkpoint
+    started.mkdir()
+    (started / "config.json").write_text((out / "config.json").read_text())
+    assert train(tiny(**{"train.steps": 2}), out=started) == started
+
+
+# -- c. an --out that cannot be written ---------------------------------------------------------------------
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through chmod")
+def test_a_read_only_out_is_one_line(tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(parent / "run")])
+        assert str(parent / "run") in line and "Permission denied" in line, line
+        line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(parent)])
+        assert str(parent) in line and "Permission denied" in line, line
+    finally:
+        parent.chmod(0o755)
+
+
+def test_an_unwritable_out_is_one_line_even_as_root(tmp_path, capsys, monkeypatch):
+    """What chmod 555 does for other users, simulated: mkdir and open for writing fail with EACCES."""
+    parent = tmp_path / "ro"
+    (parent / "empty").mkdir(parents=True)
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def mkdir(path, *args, **kwargs):
+        return denied(path) if str(path).startswith(str(parent)) else real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path).startswith(str(parent)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            denied(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(parent / "new" / "run")])
+    assert line.startswith(f"ddpm: error: training: {parent / 'new'}") and line.endswith("Permission denied"), line
+    line = one_line(capsys, ["train", *TINY, "--steps", "2", "--out", str(parent / "empty")])
+    assert f"{parent / 'empty' / '.lock'}: Permission denied" in line, line
+    monkeypatch.undo()
+    assert [p.name for p in parent.iterdir()] == ["empty"] and not list((parent / "empty").iterdir())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .common import write_run_report
 from .options import classes, image_size
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 EXAMPLES = """examples:
   ddpm train                                   # mnist preset on the bundled MNIST, fresh runs/mnist-DATE dir
@@ -131,7 +131,12 @@ def cmd_train(args) -> int:
         raise UserError("--resume needs --out RUN_DIR (the run to continue)")
     saved = Path(args.out) / "config.json" if args.out else None
     if args.resume and saved is not None and saved.is_file() and not args.preset and not args.config:
-        config = TrainConfig.from_dict(read_config_file(saved)).override(**overrides)
+        try:
+            stored = TrainConfig.from_dict(read_config_file(saved))
+        except (UserError, ValueError) as exc:  # name the file: it may be another program's config.json
+            text = first_line(exc)
+            raise UserError(text if str(saved) in text else f"{saved}: {text}") from None
+        config = stored.override(**overrides)
     else:
         config = resolve_config(args.preset, args.config, **overrides)
         nulls = {k: None for k, v in overrides.items() if v is None}

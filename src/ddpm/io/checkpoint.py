@@ -44,10 +44,12 @@ from ..config import TrainConfig, build_model
 from ..core.analytic import AnalyticVariance
 from ..errors import UserError, first_line
 from .files import (
+    LOCK,
     MANIFEST,
     RESOURCE_ERRNOS,
     atomic_folder,
     atomic_write_text,
+    is_temporary,
     manifest_text,
     retire,
     sweep_temporaries,
@@ -55,7 +57,7 @@ from .files import (
 )
 from .state import check_state, load_tensors
 
-__all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint",
+__all__ = ["atomic_write_text", "list_checkpoints", "latest_checkpoint", "latest_verified_checkpoint", "check_run_dir",
            "save_checkpoint", "restore_training_state"]
 
 CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
@@ -81,6 +83,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (unverified; see ``latest_verified_checkpoint``)."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse to train into ``run_dir`` when it exists and holds something other than a ddpm run,
+    before anything is written there (a one-line UserError): a config.json that is not a run
+    config, or, with neither a config.json nor a checkpoint, any file but the lock and temporaries
+    a run that failed to start leaves. Training there would overwrite that config.json, or mix a
+    run's files (log.jsonl, samples/, report.html) into someone else's folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return  # new (the lock creates it), or not a folder (the lock says so)
+    config = run_dir / "config.json"
+    if os.path.lexists(config):
+        try:
+            TrainConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+        except (OSError, ValueError, UserError, RecursionError) as exc:
+            raise UserError(f"{run_dir} is not a ddpm run: its config.json is not a run config ({first_line(exc)}); "
+                            f"choose a new or empty --out") from None
+        return
+    if list_checkpoints(run_dir):
+        return  # a run whose config.json went missing: its checkpoints carry the config
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK and not is_temporary(p.name))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(f"{run_dir} is not a ddpm run and not empty (it holds {others[0]}{more}); choose a new or "
+                        f"empty --out")
 
 
 def latest_verified_checkpoint(run_dir: Path, names=FILES) -> Path | None:

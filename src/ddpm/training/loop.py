@@ -68,7 +68,8 @@ from ..core.diffusion import training_loss
 from ..data.loader import IndexStream, Prefetcher
 from ..errors import UserError
 from ..evaluation.evaluate import periodic_eval
-from ..io.checkpoint import latest_checkpoint, list_checkpoints, read_guide, restore_training_state, save_checkpoint
+from ..io.checkpoint import (check_run_dir, latest_checkpoint, list_checkpoints, read_guide, restore_training_state,
+                             save_checkpoint)
 from ..io.files import RunLock, atomic_write_text, sweep_temporaries
 from ..io.run import LoadedRun
 from ..nets import fast
@@ -213,6 +214,7 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     if resume and not (run_dir / "config.json").is_file() and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} holds no run (no config.json, no checkpoint); check the path, "
                         f"or leave out --resume to start a new run there")
+    check_run_dir(run_dir)  # a folder of other files is refused before anything is written there
     guards.check_memory(config, device)  # an absurd batch or image size fails here, before allocating
     if rank == 0:
         stack.enter_context(RunLock(run_dir))  # one writer per run directory, until the stack closes
