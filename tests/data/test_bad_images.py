@@ -21,6 +21,7 @@ from ddpm.cli.main import main
 from ddpm.data.images import check_image_file, read_image
 from ddpm.data.sources import open_source
 from ddpm.errors import UserError
+from ddpm.evaluation.fid import iter_batches, list_images
 from ddpm.training.loop import train
 
 
@@ -103,8 +104,6 @@ def test_a_bad_file_in_a_folder_stops_training_before_it_starts(tmp_path, capsys
 
 
 def test_fid_image_folders_name_the_bad_file(tmp_path):
-    from ddpm.evaluation.fid import iter_batches, list_images
-
     folder = tmp_path / "samples"
     folder.mkdir()
     digit(folder / "a.png")

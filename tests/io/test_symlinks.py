@@ -6,17 +6,22 @@ In every test the link's target, outside the directory, is left as it was.
 
 Against the code before this fix, the tests of the lock, log.jsonl, periodic.jsonl, a preview, the
 linked folders and the linked checkpoint folder failed (their victims were written, or a folder's
-files landed outside the run); those of report.html, an eval report and an export directory held
-already and guard against a regression.
+files landed outside the run), and report.html embedded the bytes of a file that a link among the
+previews pointed at; report.html itself, eval reports and export directories held already (atomic
+writes, a non-empty export folder refused) and are guarded against a regression.
 """
 
 from __future__ import annotations
 
+import base64
 import shutil
 
 import pytest
 
 from ddpm.cli.main import main
+from ddpm.errors import UserError
+from ddpm.presets import get_preset
+from ddpm.training.distill_run import distill_run
 from ddpm.training.loop import train
 
 PRECIOUS = "precious data, not ddpm's\n"
@@ -127,11 +132,16 @@ def test_links_at_checkpoint_folders_are_removed_never_followed(run, victim, cap
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]  # no .del- link left
 
 
-def test_a_link_at_report_html_is_replaced(run, victim, capsys):
+def test_a_link_at_report_html_is_replaced_and_a_linked_preview_is_not_embedded(run, victim, capsys):
     plant(run / "report.html", victim)
+    secret = victim.parent / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n" + b"the user's private bytes" * 4)
+    plant(run / "samples" / "step-0000003.png", secret)  # the page embeds its previews' bytes
     assert main(["report", str(run)]) == 0
     assert victim.read_text() == PRECIOUS
-    assert not (run / "report.html").is_symlink() and "<html" in (run / "report.html").read_text().lower()
+    page = (run / "report.html").read_text()
+    assert not (run / "report.html").is_symlink() and "<html" in page.lower()
+    assert base64.b64encode(secret.read_bytes()).decode()[:40] not in page and "step 3" not in page
 
 
 def test_eval_reports_replace_a_link_and_refuse_a_linked_eval_folder(run, victim, capsys):
@@ -154,4 +164,17 @@ def test_an_export_directory_holding_a_link_is_refused(run, victim, capsys):
     plant(out / "model_index.json", victim)
     assert main(["export", str(run), str(out)]) == 2
     assert "is not an empty directory" in capsys.readouterr().err
+    assert victim.read_text() == PRECIOUS
+
+
+def test_a_link_at_a_distillations_log_is_refused(tmp_path, victim):
+    config = get_preset("toy2d").override(**{
+        "train.steps": 4, "train.progress": False, "train.sample_every": 0, "train.ckpt_every": 0,
+        "train.batch_size": 16, "model.hidden": 16, "model.depth": 1, "sample.num": 8, "sample.steps": 5})
+    teacher = train(config, out=tmp_path / "teacher")
+    kw = dict(steps=2, teacher_steps=4, iters_per_round=2, batch_size=8, progress=False)
+    out = distill_run(teacher, out=tmp_path / "student", stop_at=1, **kw)
+    plant(out / "log.jsonl", victim)
+    with pytest.raises(UserError, match=f"{out / 'log.jsonl'} is a symbolic link"):
+        distill_run(teacher, out=out, resume=True, **kw)
     assert victim.read_text() == PRECIOUS

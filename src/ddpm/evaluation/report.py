@@ -61,17 +61,21 @@ def _numeric_leaves(record: dict, prefix: str = "") -> dict[str, float]:
 
 def _previews(run_dir: Path, final_step: int | None) -> list[tuple[str, Path]]:
     """(caption, path) of ``samples/step-NNNNNNN.png`` in step order (a distillation's
-    ``samples/round-R-Nsteps.png`` in round order), then ``samples/final.png``."""
+    ``samples/round-R-Nsteps.png`` in round order), then ``samples/final.png``. Symbolic links are
+    left out: the page embeds each file's bytes, and a planted link would copy any file into it."""
     folder = run_dir / "samples"
+    if folder.is_symlink():
+        return []
     steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*.png") if (m := re.fullmatch(r"step-(\d+)\.png", p.name)))
     items = [(f"step {s}", p) for s, p in steps]
     rounds = sorted((int(m.group(1)), int(m.group(2)), p) for p in folder.glob("round-*.png")
                     if (m := re.fullmatch(r"round-(\d+)-(\d+)steps\.png", p.name)))
     items += [(f"round {r}: {n} step{'s' * (n != 1)}", p) for r, n, p in rounds]
+    items = [(caption, p) for caption, p in items if not p.is_symlink()]
     if len(items) > MAX_PREVIEWS - 1:
         keep = sorted({round(i * (len(items) - 1) / (MAX_PREVIEWS - 2)) for i in range(MAX_PREVIEWS - 1)})
         items = [items[i] for i in keep]
-    if (folder / "final.png").is_file():
+    if (folder / "final.png").is_file() and not (folder / "final.png").is_symlink():
         items.append(("final" + ("" if final_step is None else f" (step {final_step})"), folder / "final.png"))
     return items
 
