@@ -61,11 +61,18 @@ def test_a_pickle_payload_in_state_pt_is_refused_without_unsafe_advice(run4, tmp
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("content", ["payload", "object", "garbage", "cut"])
+class System:
+    """A payload calling os.system: torch blocks the whole module, with another message."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+@pytest.mark.parametrize("content", ["payload", "system", "object", "garbage", "cut"])
 def test_every_refusal_of_load_tensors_names_the_file_and_never_the_way_around(tmp_path, content):
     path = tmp_path / "weights.bin"
-    if content == "payload":
-        torch.save({"w": torch.zeros(2), "x": Payload()}, path)
+    if content in ("payload", "system"):
+        torch.save({"w": torch.zeros(2), "x": Payload() if content == "payload" else System()}, path)
     elif content == "object":
         torch.save({"w": torch.zeros(2), "x": torch.nn.Linear(1, 1)}, path)  # a module: code, by reference
     elif content == "garbage":
@@ -79,6 +86,9 @@ def test_every_refusal_of_load_tensors_names_the_file_and_never_the_way_around(t
     assert str(path) in message and "\n" not in message, message
     said = message.replace(str(path), "PATH")  # (pytest's folder is named after the test)
     assert "weights_only" not in said and "False" not in said and "trust" not in said, message
+    if content in ("payload", "system", "object"):
+        named = {"payload": "print", "system": "system", "object": "torch.nn.modules.linear.Linear"}[content]
+        assert "pickled reference to " in said and named in said and "never holds" in said, message
 
 
 def test_a_pickled_diffusers_bin_with_a_payload_is_refused(tmp_path):

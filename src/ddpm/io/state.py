@@ -46,9 +46,10 @@ def _require(ok: bool, what: str) -> None:
         raise _Invalid(what)
 
 
-# torch names the first global the restricted unpickler refused ("Unsupported global: GLOBAL os.system
-# was not an allowed global"); the name comes from the file, so only a plain dotted name is shown.
-_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]{0,80}) was not")
+# torch names the first global the restricted unpickler refused ("Unsupported global: GLOBAL
+# __main__.Evil was not an allowed global", "unsupported GLOBAL posix.system whose module posix is
+# blocked"); the name comes from the file, so only a plain dotted name is shown.
+_GLOBAL_RE = re.compile(r"\bGLOBAL ([A-Za-z_][\w.]{0,80})\b")
 
 
 def load_tensors(path: str | Path, what: str = "checkpoint"):
