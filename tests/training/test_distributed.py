@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def endless_gloo_run(out, *, ckpt_every: int) -> subprocess.Popen:
+    """``ddpm train --preset tiny`` with two gloo ranks under torchrun, running until stopped."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
+           "--steps", "100000", "--ckpt-every", str(ckpt_every), "--device", "cpu", "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -61,15 +73,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
 
     from ddpm.io.checkpoint import list_checkpoints
 
-    pytest.importorskip("torch.distributed.run")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
-           "--steps", "100000", "--ckpt-every", "0", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = endless_gloo_run(out, ckpt_every=0)
     try:
         log, deadline = out / "log.jsonl", time.monotonic() + 240
         while not (log.is_file() and log.read_text().strip()):
@@ -102,15 +107,8 @@ def test_kill_9_of_one_rank_stops_the_other_with_one_line(tmp_path):
     import signal
     import time
 
-    pytest.importorskip("torch.distributed.run")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
-           "--steps", "100000", "--ckpt-every", "5", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = endless_gloo_run(out, ckpt_every=5)
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("ckpt-*")):
