@@ -81,6 +81,9 @@ def cmd_sample(args) -> int:
     guided = f", autoguidance {cond.autoguidance:g} by step {run.guide_step}" if cond.autoguidance != 1 else ""
     if guided and cond.guidance_interval is not None and cond.labels is None:
         guided += " for t in [{}, {}]".format(*cond.guidance_interval)
-    print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} steps{cond.describe()}{guided}, "
+    # the ancestral sampler's sigma_t^2 (the run's, or --variance), which changes what it draws
+    variance = f", variance {run.sample_kwargs.get('variance')}" if settings.sampler == "ddpm" else ""
+    print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} step{'s' * (settings.steps != 1)}"
+          f"{variance}{cond.describe()}{guided}, "
           f"{run.path}) to {out}")
     return 0

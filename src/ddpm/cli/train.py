@@ -145,15 +145,32 @@ def cmd_train(args) -> int:
     config = _size_model_to_data(config, overrides)
     if args.classes == "auto":
         config = config.override(**{"model.num_classes": _classes_in_data(config), **late})
-    if os.environ.get("RANK", "0") == "0":
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks and writes the run's files
+    if args.resume and _already_done(Path(args.out), config, rank0):
+        return 0
+    if rank0:
         print(f"ddpm: training {config.name} {_training_mode(config)}", flush=True)
     run_dir = train(config, out=args.out, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the run's files
+    if rank0:
         _say_how_it_ended(run_dir, config)
         write_run_report(run_dir)
-    print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
-          f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
+        print(f"ddpm: run finished: {run_dir}  (samples in {run_dir / 'samples'}; "
+              f"draw more with: ddpm sample {run_dir} --num 64 --out samples.png)")
     return 0
+
+
+def _already_done(out: Path, config, rank0: bool) -> bool:
+    """A resumed run whose newest checkpoint has reached train.steps: say so (and how to go on)."""
+    from ..io.checkpoint import list_checkpoints
+
+    done = list_checkpoints(out)
+    if not done or done[-1][0] < config.train.steps:
+        return False
+    if rank0:
+        step = done[-1][0]
+        print(f"ddpm: {out} is already at step {step} of {config.train.steps}; raise --steps (or --max-minutes) "
+              f"to continue")
+    return True
 
 
 def _json_value(text: str):
@@ -201,8 +218,12 @@ def _training_mode(config) -> str:
     mode = describe_amp(resolve_amp(requested, device), requested,
                         source=f"train.amp={requested}; --amp auto to choose per device")
     budget = config.train.max_minutes
-    length = (f"{config.train.steps} steps or {budget:g} minutes, whichever ends first (the learning rate "
-              f"decays over both)" if budget else f"{config.train.steps} steps")
+    steps = f"{config.train.steps} step{'s' * (config.train.steps != 1)}"
+    length = (f"{steps} or {budget:g} minutes, whichever ends first (the learning rate decays over both)"
+              if budget else steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # the backend init_distributed picks: NCCL where the ranks have GPUs
+        length += f", {world} processes ({'nccl' if device == 'cuda' else 'gloo'})"
     return f"on {device} in {mode}, {length}"
 
 

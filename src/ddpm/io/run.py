@@ -9,6 +9,7 @@ files themselves is ``ddpm.io.checkpoint``'s.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
     if path.is_file():
         folder, name = path.parent, path.name
     elif not path.exists():
-        raise UserError(f"no such run directory or checkpoint: {path}")
+        raise UserError(f"no such run directory or checkpoint: {path}{_hub_hint(path)}")
     elif CKPT_RE.match(path.name):
         folder = path
     else:
@@ -112,6 +113,15 @@ def resolve_weights_path(path: str | Path, *, ema: bool = True) -> Path:
         if problem is not None:
             raise UserError(f"checkpoint {folder} is damaged ({problem})")
     return folder / name
+
+
+def _hub_hint(path: Path) -> str:
+    """For a missing path that reads like a Hugging Face Hub name (owner/name): how to fetch it."""
+    parts = Path(path).parts
+    if len(parts) != 2 or Path(parts[0]).exists() or not all(re.fullmatch(r"[\w.-]+", p) for p in parts):
+        return ""
+    return (f"; if it is a Hugging Face Hub name: those are not downloaded, fetch it first with "
+            f"`huggingface-cli download {parts[0]}/{parts[1]} --local-dir {parts[1]}`, then use the folder {parts[1]}")
 
 
 def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", fast: bool = True,
