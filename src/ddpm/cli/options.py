@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .choices import AMP_MODES, SAMPLERS, VARIANCES
+
 
 def positive(text: str) -> int:
     try:
@@ -64,9 +66,6 @@ def add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, nu
     """The sampling options of ``ddpm sample``, ``ddpm eval fid`` and ``ddpm eval toy``: one
     definition, so the same flags mean the same thing with the same defaults everywhere (only the
     sample count differs: a grid, a toy metric and FID want different numbers)."""
-    from ..core.device import AMP_MODES
-    from ..sampling.samplers import SAMPLERS
-
     p.add_argument("--num", type=positive, default=num_default, help=num_help)
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the run's preview sampler (config sample.sampler)")
     p.add_argument("--steps", type=positive, help="sampling steps (default: the run's preview steps for its "
@@ -98,8 +97,6 @@ def add_class_args(p: argparse.ArgumentParser, class_help: str) -> None:
 
 
 def add_variance_arg(p: argparse.ArgumentParser) -> None:
-    from ..core.diffusion import VARIANCES
-
     p.add_argument("--variance", choices=VARIANCES, default=None,
                    help="reverse variance sigma_t^2 of ancestral sampling and the bound (default: the run's): "
                    "fixed_small (beta~), fixed_large (beta), learned_range (a --learn-sigma run), analytic "

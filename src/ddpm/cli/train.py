@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from .choices import PREDICTIONS, PRESETS, SCHEDULES
 from .common import write_run_report
 from .options import classes, image_size
 from ..errors import UserError, first_line
@@ -34,9 +35,6 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers, formatter_class) -> None:
-    from ..core.schedules import SCHEDULES
-    from ..presets import PRESETS
-
     t = subparsers.add_parser("train", help="train a model (default: mnist preset on bundled MNIST)",
                               formatter_class=formatter_class, epilog=EXAMPLES,
                               description="Train a DDPM. Flags override the config file, which overrides the preset.")
@@ -57,7 +55,7 @@ def add_parser(subparsers, formatter_class) -> None:
         ("--ema-decay", "train.ema_decay", float, "EMA decay"),
         ("--schedule", "diffusion.schedule", str, f"beta schedule: {', '.join(SCHEDULES)} (seed names)"),
         ("--timesteps", "diffusion.timesteps", int, "T"),
-        ("--prediction", "diffusion.prediction", str, "network target: eps, x0, v"),
+        ("--prediction", "diffusion.prediction", str, f"network target: {', '.join(PREDICTIONS)}"),
         ("--variance", "diffusion.variance", str, "reverse variance: fixed_small, fixed_large, learned_range "
          "(sets --learn-sigma), analytic (estimated after training: ddpm analytic RUN)"),
         ("--objective", "diffusion.objective", str, "simple (L_simple; L_hybrid with learned variances) or vlb "
