@@ -250,6 +250,19 @@ def test_from_diffusers_converts_both_sinusoidal_conventions(flip_sin_to_cos, fr
         assert (other.eval()(x, t) - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
+def test_frequencies_follow_the_default_device_with_the_same_values():
+    # the values of the float32 formula on the CPU, wherever the network is built; on the meta device
+    # (ddpm.load's shape check) only a shape, without the arange that imports torch._dynamo there
+    half = 32
+    expected = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1.0)))
+    assert torch.equal(timestep_frequencies(2 * half), expected)
+    with torch.device("meta"):
+        freqs = timestep_frequencies(2 * half)
+        net = UNet(SMALL)
+    assert freqs.device.type == "meta" and freqs.shape == (half,)
+    assert {b.device.type for b in net.buffers()} | {p.device.type for p in net.parameters()} == {"meta"}
+
+
 def test_embedding_defaults_are_the_ddpm_reference_and_old_configs_load():
     # get_timestep_embedding of the TF reference: [sin, cos], frequencies 10000^(-i / (half - 1)).
     t = torch.tensor([0, 5, 999])

@@ -40,7 +40,11 @@ def timestep_frequencies(dim: int, freq_shift: float = 1.0) -> torch.Tensor:
     ``freq_shift`` is diffusers' ``freq_shift`` (``downscale_freq_shift``): 1 in the DDPM
     reference (the last frequency is exactly 1/10000), 0 in diffusers' UNet2DModel default."""
     half = dim // 2
-    return torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - freq_shift)))
+    # Computed on the CPU and moved to the default device (the one a ``with torch.device(...)``
+    # block sets): the same values wherever the network is built, and no ``arange`` on the meta
+    # device, whose first call imports torch._dynamo (about 1 s of ``ddpm.load``'s shape check).
+    i = torch.arange(half, dtype=torch.float32, device="cpu")
+    return torch.exp(i * (-math.log(10000.0) / (half - freq_shift))).to(torch.get_default_device())
 
 
 def batch_timesteps(t, x: torch.Tensor, who: str) -> torch.Tensor:
