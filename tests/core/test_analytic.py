@@ -178,3 +178,82 @@ def test_save_load_and_errors(tmp_path, setup):
         AnalyticVariance.load(tmp_path / "other.json")
     with pytest.raises(ValueError, match="negative"):
         AnalyticVariance(-torch.ones(3))
+
+
+# -- autocast and progress of the two long estimates -------------------------------------------
+
+def behind_a_matmul(oracle):
+    """The oracle behind an identity matmul, as a network's first layer: under bf16 autocast x_t
+    reaches it rounded to bf16 and its output is bf16. Records the dtype the matmul gave."""
+    eye, seen = torch.eye(2), set()
+
+    def net(x_t, t):
+        h = x_t @ eye
+        seen.add(h.dtype)
+        return oracle(h, t)
+
+    net.seen = seen
+    return net
+
+
+def test_bf16_bound_and_gamma_stay_within_a_standard_error_of_float32(setup):
+    schedule, oracle, data, _ = setup
+    est = AnalyticVariance(exact_gamma(schedule), None)
+    bound, gamma = {}, {}
+    for amp in ("off", "bf16"):
+        net = behind_a_matmul(oracle)
+        # The same generator seeds: both see the same x_t, so the difference is the rounding alone.
+        bound[amp] = nll_bpd(net, schedule, data[:2000], variance="analytic", analytic=est, decoder="continuous",
+                             batch_size=500, generator=torch.Generator().manual_seed(5), amp=amp)
+        gamma[amp] = analytic_variance(net, schedule, data, num=1000, batch_size=500, data_range=None,
+                                       generator=torch.Generator().manual_seed(1), amp=amp).gamma
+        assert net.seen == {torch.float32 if amp == "off" else torch.bfloat16}  # autocast reached the network
+    assert bound["bf16"]["bpd"] != bound["off"]["bpd"]  # it changed something ...
+    assert abs(bound["bf16"]["bpd"] - bound["off"]["bpd"]) < bound["off"]["stderr"]  # ... within the noise
+    assert torch.isfinite(torch.as_tensor(bound["bf16"]["terms_bpd"])).all()
+    # ||eps||^2/d = Gamma chi^2_2 / 2 per example: standard error Gamma / sqrt(num).
+    assert not torch.equal(gamma["bf16"], gamma["off"])
+    assert ((gamma["bf16"] - gamma["off"]).abs() < gamma["off"] / math.sqrt(1000)).all()
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar the two estimates open: (its keyword arguments, the count it reached)."""
+    from ddpm.core import analytic, nll
+
+    opened = []
+
+    class Recording(nll.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append((kwargs, self))
+
+    monkeypatch.setattr(nll, "tqdm", Recording)
+    monkeypatch.setattr(analytic, "tqdm", Recording)
+    return opened
+
+
+@pytest.mark.parametrize("K, per_item", [(None, T), (7, 8)])
+def test_the_nll_bar_counts_items_times_timesteps(setup, bars, K, per_item):
+    schedule, oracle, data, _ = setup
+    nll_bpd(oracle, schedule, data[:30], num_timesteps=K, batch_size=8, decoder="continuous", progress=True)
+    (kwargs, bar), = bars
+    assert kwargs["total"] == 30 * per_item and bar.n == bar.total  # the decoder and K KL terms per item
+    assert not kwargs["disable"]
+
+
+def test_the_analytic_bar_counts_examples_times_timesteps(setup, bars):
+    schedule, oracle, data, _ = setup
+    analytic_variance(oracle, schedule, data[:30], num=20, batch_size=8, timesteps=torch.tensor([3, 9, 9, 40]),
+                      progress=True)
+    (kwargs, bar), = bars
+    assert kwargs["total"] == 20 * 3 and bar.n == bar.total  # one batch is no longer one step of 1
+
+
+@pytest.mark.parametrize("progress, disable", [(None, None), (False, True)])
+def test_the_bars_follow_sampling_s_rule(setup, bars, progress, disable):
+    # None: tqdm's own "only when the stream is a terminal", as ddpm sample decides
+    schedule, oracle, data, _ = setup
+    nll_bpd(oracle, schedule, data[:4], num_timesteps=2, decoder="continuous", progress=progress)
+    analytic_variance(oracle, schedule, data[:4], num=4, timesteps=torch.tensor([5]), progress=progress)
+    assert [kwargs["disable"] for kwargs, _ in bars] == [disable, disable]

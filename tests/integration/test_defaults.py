@@ -61,7 +61,7 @@ def toy_run(tmp_path_factory):
 # -- the command line -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["sample", "RUN", "--out", "x.png"], ["eval", "fid", "RUN", "--ref", "REF"],
-                                  ["eval", "toy", "RUN"]])
+                                  ["eval", "toy", "RUN"], ["eval", "nll", "RUN"], ["analytic", "RUN"]])
 def test_sampling_commands_default_to_auto_amp_and_a_terminal_progress_bar(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,6 +100,32 @@ def test_eval_toy_reports_the_mode_it_sampled_in(toy_run, tmp_path, capsys, nati
     assert main(["eval", "toy", str(toy_run), "--num", "20", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["amp"] == recorded  # what ran, not "auto"
     assert "ddpm: sampling on cpu in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native,recorded,line", [
+    (True, "bf16", "ddpm: evaluating on cpu in bf16 autocast (auto; --amp off for float32)"),
+    (False, "off", "ddpm: evaluating on cpu in float32 (auto; no native half precision on this device)"),
+])
+def test_eval_nll_runs_in_the_chosen_mode_says_so_and_records_it(toy_run, tmp_path, capsys, native_bf16,
+                                                                 autocast_seen, native, recorded, line):
+    native_bf16(native)
+    out = tmp_path / "nll.json"
+    argv = ["eval", "nll", str(toy_run), "--num", "16", "--timesteps", "3", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["amp"] == recorded
+    assert line in capsys.readouterr().out.splitlines()
+    assert autocast_seen and {s[0] for s in autocast_seen} == {native}
+
+
+def test_analytic_runs_in_the_chosen_mode_and_says_so(toy_run, tmp_path, capsys, native_bf16, autocast_seen):
+    import shutil
+
+    run = shutil.copytree(toy_run, tmp_path / "run")  # RUN/analytic.json would change the shared run
+    native_bf16(True)
+    assert main(["analytic", str(run), "--num", "8", "--device", "cpu", "--no-progress"]) == 0
+    assert "ddpm: estimating on cpu in bf16 autocast (auto; --amp off for float32)" in capsys.readouterr().out
+    assert autocast_seen and {s[:2] for s in autocast_seen} == {(True, torch.bfloat16)}
+    assert (run / "analytic.json").is_file()
 
 
 def test_train_resolves_auto_like_sampling_and_says_so(tmp_path, capsys, native_bf16, autocast_seen):

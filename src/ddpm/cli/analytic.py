@@ -4,11 +4,10 @@ of ``ddpm sample`` and ``ddpm eval nll`` then reads."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from .common import data_spec, load_run
-from .options import add_model_args, positive
+from .options import add_amp_arg, add_model_args, positive
 from ..errors import UserError
 
 EXAMPLES = """examples:
@@ -31,6 +30,7 @@ def add_parser(subparsers, formatter_class) -> None:
                    "cost: T * num / batch-size network calls")
     a.add_argument("--batch-size", type=positive, default=128, help="examples per network batch")
     a.add_argument("--seed", type=int, default=0, help="seed of the examples drawn and their noise")
+    add_amp_arg(a)
     add_model_args(a)
 
 
@@ -44,7 +44,7 @@ def cmd_analytic(args) -> int:
     from ..io.checkpoint import CKPT_RE, write_analytic_variance
     from ..nets.wrappers import PredictionChannels
 
-    run, device = load_run(args.run, args)
+    run, device = load_run(args.run, args, "estimating")
     if not CKPT_RE.match(Path(run.path).parent.name):  # before minutes of network calls
         raise UserError(f"{args.run}: analytic variances are saved in a run directory (RUN/ckpt-NNNNNNN/); "
                         f"{run.path} is not in one")
@@ -59,7 +59,7 @@ def cmd_analytic(args) -> int:
                                  num=args.num, batch_size=args.batch_size, prediction=run.sample_kwargs["prediction"],
                                  data_range=None if spec.startswith("toy:") else (-1.0, 1.0),
                                  generator=torch.Generator().manual_seed(args.seed), device=device,
-                                 progress=sys.stderr.isatty() if args.progress is None else args.progress)
+                                 progress=args.progress, amp=run.amp)
     path = write_analytic_variance(run.path, analytic)
     print(f"ddpm: wrote {path}: Gamma_t at all {analytic.num_timesteps} timesteps for {run.path}, from "
           f"{analytic.num_examples} examples of {spec}; use it with --variance analytic (ddpm sample, ddpm eval nll)")

@@ -39,11 +39,11 @@ def resolve_device(name: str) -> str:
     return str(pick_device(name))
 
 
-def load_run(path: str, args):
+def load_run(path: str, args, doing: str = "sampling"):
     """(LoadedRun, device) for the run, checkpoint or weights file ``path`` and the --device/--no-ema
     options. Commands with --amp get the run prepared for it (``ddpm.load``'s fast defaults), say
-    which mode they sample in (stdout, with the other status lines; stderr keeps errors one line),
-    and find the resolved mode in ``args.amp`` (reports record it)."""
+    which mode they run the network in (``ddpm: DOING on cpu in ...``: stdout, with the other status
+    lines; stderr keeps errors one line), and find the resolved mode in ``args.amp`` (reports record it)."""
     from ..core.device import describe_amp
     from ..io.run import load
 
@@ -52,7 +52,7 @@ def load_run(path: str, args):
     run = load(path, ema=not args.no_ema, device=device, amp=requested or "off")
     if requested is not None:
         args.amp = run.amp
-        print(f"ddpm: sampling on {device} in {describe_amp(run.amp, requested)}", flush=True)
+        print(f"ddpm: {doing} on {device} in {describe_amp(run.amp, requested)}", flush=True)
     return run, device
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .common import apply_variance, data_spec, load_run, resolve_device, sampling_conditioning
-from .options import add_model_args, add_sampling_args, add_variance_arg, positive, show_help
+from .options import add_amp_arg, add_model_args, add_sampling_args, add_variance_arg, positive, show_help
 from ..errors import UserError
 from ..io.files import atomic_write, own_dir
 
@@ -82,6 +82,7 @@ def add_parser(subparsers, formatter_class) -> None:
     add_variance_arg(p)
     p.add_argument("--clip-denoised", action="store_true", help="clip x0 predictions to [-1, 1] in the model mean")
     p.add_argument("--out", default=None, help=report)
+    add_amp_arg(p)
     add_model_args(p)
 
     p = sub.add_parser("toy", help="energy distance / MMD / log-likelihood for 2-D toy runs", formatter_class=fmt,
@@ -227,7 +228,7 @@ def cmd_nll(args) -> int:
 
     if args.timesteps != "all" and not args.timesteps.isdigit():
         raise UserError(f"--timesteps must be 'all' or a positive integer, got {args.timesteps!r}")
-    run, device = load_run(args.run, args)
+    run, device = load_run(args.run, args, "evaluating")
     eval_dir = None if args.out else _eval_dir(run_dir_of(run))  # checked before the evaluation
     apply_variance(run, args.variance)
     spec = data_spec(args, run)
@@ -250,10 +251,12 @@ def cmd_nll(args) -> int:
                   generator=torch.Generator(device).manual_seed(args.seed),
                   prediction=run.sample_kwargs.get("prediction", "eps"), variance=variance,
                   analytic=run.sample_kwargs.get("analytic"),
-                  clip_denoised=args.clip_denoised, decoder=decoder, device=device, progress=args.progress)
+                  clip_denoised=args.clip_denoised, decoder=decoder, device=device, progress=args.progress,
+                  amp=run.amp)
     out.pop("bpd_per_example")
     report = {"metric": "nll", **out, "data": spec, "split": args.split if decoder == "discretized" else None,
-              "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "seed": args.seed,
+              "decoder": decoder, "variance": variance, "clip_denoised": args.clip_denoised, "amp": run.amp,
+              "seed": args.seed,
               "run": str(Path(args.run).resolve()), "checkpoint": str(run.path), "step": run.step, "ema": not args.no_ema}
     name = f"nll-{_slug(spec)}-{out['estimate']}-n{out['num_examples']}{_variance_tag(args)}.json"
     path = write_eval_report(args.out or eval_dir / name, report)

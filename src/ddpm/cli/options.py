@@ -58,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     p.add_argument("--progress", action="store_const", const=True, default=None,
-                   help="progress bars (sampling: on by default when stderr is a terminal)")
+                   help="progress bars (sampling, eval nll, analytic: on by default when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
 
@@ -83,10 +83,15 @@ def add_sampling_args(p: argparse.ArgumentParser, *, num_default: int | None, nu
                    help="apply --guidance and --autoguidance only at steps whose model timestep t (0 = the first "
                    "noising step, T-1 = pure noise) lies in [LO, HI], one network call elsewhere (Kynkaanniemi et "
                    "al. 2024); 'all' = every step (default: the run's sample.guidance_interval)")
+    add_amp_arg(p)
+    add_model_args(p)
+
+
+def add_amp_arg(p: argparse.ArgumentParser) -> None:
+    """--amp: sampling, ``eval nll`` and ``analytic`` run their network in the same mode by default."""
     p.add_argument("--amp", choices=("auto", *AMP_MODES), default="auto",
                    help="autocast of the network: auto (default: bf16 on CUDA and on CPUs with AMX or AVX-512 "
                    "BF16, fp16 on older GPUs, else float32), off (float32), bf16, fp16")
-    add_model_args(p)
 
 
 def add_class_args(p: argparse.ArgumentParser, class_help: str) -> None:

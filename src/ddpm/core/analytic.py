@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .device import model_device
+from .device import autocast_model, model_device
 from .diffusion import PREDICTIONS, check_choice, q_sample, respaced_schedule, split_output, x0_eps_from_output
 from .schedules import NoiseSchedule
 
@@ -174,7 +174,8 @@ def analytic_variance(
     data_range: tuple[float, float] | None = (-1.0, 1.0),
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
+    amp: str = "off",
 ) -> AnalyticVariance:
     """Estimate Gamma_t = E||eps_theta(x_t, t)||^2 / d (Bao et al. 2022, Theorem 1) for ``model``.
 
@@ -183,6 +184,9 @@ def analytic_variance(
     timestep with fresh noise, so the cost is len(timesteps) * ceil(num / batch_size) model calls.
     ``timesteps`` defaults to all of 0..T-1 (any grid then works; a sampler grid needs Gamma only at
     its own timesteps). The model must return eps, x0 or v (``prediction``) with x's shape.
+    ``amp`` runs the network under autocast (``ddpm.core.device.autocast``; its output and the sums
+    stay float32). ``progress`` shows one bar over examples x timesteps with its ETA: True always,
+    False never, None when stderr is a terminal.
     """
     check_choice("prediction", prediction, PREDICTIONS)
     T = schedule.num_timesteps
@@ -196,23 +200,26 @@ def analytic_variance(
     sched = schedule.to(device)
     sums = torch.zeros(T, dtype=torch.float64)
     seen, x_sum, x_sq = 0, 0.0, 0.0
-    batches = _random_batches(data, num, batch_size, generator)
-    if progress:
-
-        batches = tqdm(batches, total=-(-min(num, len(data)) // batch_size), desc="analytic variance", unit="batch")
-    for x0 in batches:
-        x0 = x0.to(device, torch.float32 if not x0.is_floating_point() else x0.dtype)
-        B = x0.shape[0]
-        for t_value in ts.tolist():
-            t = torch.full((B,), t_value, dtype=torch.long, device=device)
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-            x_t = q_sample(sched, x0, t, noise)
-            output, _ = split_output(model(x_t, t), x_t.shape)
-            _, eps = x0_eps_from_output(sched, x_t, t, output, prediction)
-            sums[t_value] += float(eps.double().pow(2).flatten(1).mean(1).sum())
-        seen += B
-        x_sum = x_sum + x0.double().sum(0)
-        x_sq = x_sq + x0.double().pow(2).sum(0)
+    items = min(num, len(data))
+    # One step per example and timestep: a batch is T model calls, minutes for a large network.
+    bar = tqdm(total=items * ts.numel(), unit="x_t", unit_scale=True, dynamic_ncols=True,
+               desc=f"analytic variance ({items} examples x {ts.numel()} timesteps)",
+               disable=None if progress is None else not progress)
+    model = autocast_model(model, device, amp, on_call=None if bar.disable else bar.update)
+    with bar:
+        for x0 in _random_batches(data, num, batch_size, generator):
+            x0 = x0.to(device, torch.float32 if not x0.is_floating_point() else x0.dtype)
+            B = x0.shape[0]
+            for t_value in ts.tolist():
+                t = torch.full((B,), t_value, dtype=torch.long, device=device)
+                noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
+                x_t = q_sample(sched, x0, t, noise)
+                output, _ = split_output(model(x_t, t), x_t.shape)
+                _, eps = x0_eps_from_output(sched, x_t, t, output, prediction)
+                sums[t_value] += float(eps.double().pow(2).flatten(1).mean(1).sum())
+            seen += B
+            x_sum = x_sum + x0.double().sum(0)
+            x_sq = x_sq + x0.double().pow(2).sum(0)
     if seen < 2:
         raise ValueError(f"need at least 2 examples to estimate the analytic variance, got {seen}")
     gamma = torch.full((T,), math.nan, dtype=torch.float64)

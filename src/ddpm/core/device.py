@@ -5,6 +5,7 @@
 - ``resolve_amp(requested, device)``   ``"auto"`` -> the fastest safe mode of the device: bf16, fp16 or off.
 - ``describe_amp(amp, requested)``     how a command line says which mode it runs in.
 - ``autocast(device, amp)``            bf16 or fp16 autocast on CUDA and CPU, or a no-op for ``"off"``.
+- ``autocast_model(model, device, amp)`` a network called under autocast, its output back in float32.
 - ``keep_freed_memory()``              glibc: stop handing freed activations back to the OS.
 - ``available_memory(device)``         bytes that can be allocated now (before a large allocation).
 """
@@ -70,6 +71,26 @@ def autocast(device: str | torch.device, amp: Amp = "off") -> contextlib.Abstrac
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type(device), dtype=_AMP_DTYPES[amp])
+
+
+def autocast_model(model, device: str | torch.device, amp: Amp = "off", on_call=None):
+    """``model(x, *args)`` run under ``autocast(device, amp)`` with its output cast back to ``x``'s
+    dtype, so that only the network runs in half precision and the arithmetic around it (a bound's
+    KL terms, sums of squared predictions) stays in float32; ``on_call(batch)`` after each call
+    (a progress bar's ``update``). The model itself when there is nothing to add."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_MODES)}")
+    if amp == "off" and on_call is None:
+        return model
+
+    def call(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with autocast(device, amp):
+            out = model(x, *args, **kwargs)
+        if on_call is not None:
+            on_call(x.shape[0])
+        return out.to(x.dtype)
+
+    return call
 
 
 def cpu_has_native_bf16() -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .device import model_device
+from .device import autocast_model, model_device
 from .diffusion import DECODERS, VARIANCES, check_choice, normal_kl, q_mean_variance, q_sample, vlb_term
 from .schedules import NoiseSchedule
 
@@ -129,8 +129,9 @@ def nll_bpd(
     clip_denoised: bool = False,
     decoder: Decoder = "discretized",
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     analytic=None,
+    amp: str = "off",
 ) -> dict:
     """The bound of eq. 5 in bits/dim over ``data`` (a Tensor (N, ...) or a Dataset of (C, H, W)).
 
@@ -140,39 +141,43 @@ def nll_bpd(
     error of the mean bits/dim over examples; it includes the Monte Carlo noise of both estimates.
     Returns bpd, stderr, prior_bpd, decoder_bpd, kl_bpd, per-example ``bpd_per_example``, and for
     the full evaluation ``terms_bpd`` (T,), the mean L_t per timestep. ``variance`` and ``analytic``
-    as in ``vlb_terms``.
+    as in ``vlb_terms``. ``amp`` runs the network under autocast (``ddpm.core.device.autocast``; its
+    output and every term stay float32). ``progress`` shows one bar over items x timesteps with its
+    ETA: True always, False never, None when stderr is a terminal.
     """
     T = schedule.num_timesteps
     if device is None:  # the model's device when it has parameters, else the CPU
         device = model_device(model)
     sched = schedule.to(device)
     totals, priors, decoders, kls, per_t = [], [], [], [], []
-    batches = _as_batches(data, batch_size, num)
-    if progress:
-
-        total = -(-(len(data) if num is None else min(num, len(data))) // batch_size)
-        batches = tqdm(batches, total=total, desc="nll", unit="batch")
+    items = len(data) if num is None else min(num, len(data))
+    per_item = T if num_timesteps is None else num_timesteps + 1  # model calls per item: the decoder and K KLs
+    # One step per item and timestep, so the ETA moves within a batch (a batch is T model calls).
+    bar = tqdm(total=items * per_item, unit="x_t", unit_scale=True, dynamic_ncols=True,
+               desc=f"nll ({items} items x {per_item} timesteps)", disable=None if progress is None else not progress)
+    model = autocast_model(model, device, amp, on_call=None if bar.disable else bar.update)
     D = None
-    for x0 in batches:
-        x0 = x0.to(device)
-        D = x0[0].numel()
-        if num_timesteps is None:
-            out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
-                            decoder=decoder, generator=generator, analytic=analytic)
-            decoder_nats, kl_nats = out["terms"][:, 0], out["terms"][:, 1:].sum(1)
-            per_t.append(out["terms"].double().sum(0))
-        else:
-            t_kl, sizes = stratified_timesteps(T, num_timesteps, x0.shape[0], generator=generator, device=device)
-            t_all = torch.cat([torch.zeros_like(t_kl[:, :1]), t_kl], 1)
-            out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
-                            timesteps=t_all, decoder=decoder, generator=generator, analytic=analytic)
-            decoder_nats = out["terms"][:, 0]
-            kl_nats = (out["terms"][:, 1:].double() * sizes.double()).sum(1)
-        prior = out["prior"].double()
-        priors.append(prior)
-        decoders.append(decoder_nats.double())
-        kls.append(kl_nats.double())
-        totals.append(prior + decoder_nats.double() + kl_nats.double())
+    with bar:
+        for x0 in _as_batches(data, batch_size, num):
+            x0 = x0.to(device)
+            D = x0[0].numel()
+            if num_timesteps is None:
+                out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                                decoder=decoder, generator=generator, analytic=analytic)
+                decoder_nats, kl_nats = out["terms"][:, 0], out["terms"][:, 1:].sum(1)
+                per_t.append(out["terms"].double().sum(0))
+            else:
+                t_kl, sizes = stratified_timesteps(T, num_timesteps, x0.shape[0], generator=generator, device=device)
+                t_all = torch.cat([torch.zeros_like(t_kl[:, :1]), t_kl], 1)
+                out = vlb_terms(model, sched, x0, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                                timesteps=t_all, decoder=decoder, generator=generator, analytic=analytic)
+                decoder_nats = out["terms"][:, 0]
+                kl_nats = (out["terms"][:, 1:].double() * sizes.double()).sum(1)
+            prior = out["prior"].double()
+            priors.append(prior)
+            decoders.append(decoder_nats.double())
+            kls.append(kl_nats.double())
+            totals.append(prior + decoder_nats.double() + kl_nats.double())
     if D is None:
         raise ValueError("no data to evaluate")
     to_bpd = 1.0 / (D * math.log(2.0))
