@@ -168,3 +168,27 @@ def test_training_uses_the_configured_columns(datasets, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["label_column"] == "id"
     assert config["model"]["num_classes"] == 10
+
+
+def test_classes_auto_on_an_undetected_label_column_names_label_column(datasets, tmp_path, capsys):
+    """A label column named `y` is not detected (LABEL_NAMES): --classes auto says which columns
+    may hold the labels and the option that names one, rather than only that there are none."""
+    from ddpm.cli.main import main
+
+    arrays = [_rgba(i)[..., :3] for i in range(4)]
+    datasets.Dataset.from_dict({"image": [Image.fromarray(x) for x in arrays], "y": [0, 1, 1, 0],
+                                "note": ["w", "x", "y", "z"]}).save_to_disk(str(tmp_path / "xy"))
+    source = open_source(f"hf:{tmp_path / 'xy'}")
+    with pytest.raises(UserError, match=r"if 'y' holds them, name it with --label-column y \(data.label_column\)"):
+        require_labels(source, "--classes auto")
+    capsys.readouterr()  # datasets' own progress bars
+    code = main(["train", "--preset", "tiny", "--data", f"hf:{tmp_path / 'xy'}", "--image-size", "8", "--channels", "3",
+                 "--classes", "auto", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--classes auto needs labelled data" in err[0], err
+    assert "--label-column y" in err[0] and not (tmp_path / "run").exists()
+    # Without an integer column there is no column to name, and the message says so.
+    datasets.Dataset.from_dict({"image": [Image.fromarray(x) for x in arrays],
+                                "note": ["w", "x", "y", "z"]}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(UserError, match=r"it has no integer or ClassLabel column \(columns: image, note\)"):
+        require_labels(open_source(f"hf:{tmp_path / 'none'}"))

@@ -112,6 +112,20 @@ def _label_column(ds, chosen: str | None, where: str) -> str | None:
     return integers[0] if integers else None
 
 
+def _labels_hint(ds) -> str:
+    """What ``require_labels`` says of a data set whose label column was not detected: the integer
+    and ClassLabel columns that may hold the labels, and the option that names one."""
+    datasets = _datasets()
+    candidates = [name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)
+                  or (isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint")))]
+    if not candidates:
+        return (f"it has no integer or ClassLabel column (columns: {', '.join(ds.features)}); a label column is "
+                "named with --label-column (data.label_column)")
+    listed = " or ".join(repr(name) for name in candidates)
+    return (f"no column is named as labels are ({', '.join(LABEL_NAMES)}); if {listed} holds them, name it with "
+            f"--label-column {candidates[0]} (data.label_column)")
+
+
 class HFSource(PILSource):
     """A ``datasets.Dataset`` with an image column (decoded with PIL when indexed) and optional labels."""
 
@@ -135,6 +149,9 @@ class HFSource(PILSource):
                 warnings.warn(f"{name}: column {label_column!r} has missing labels (-1); reading it as unlabelled",
                               stacklevel=3)
                 self.label_column = None
+                self.labels_hint = f"its column {label_column!r} marks its labels missing (-1): use a labelled split"
+        else:
+            self.labels_hint = _labels_hint(ds)
 
     def __len__(self) -> int:
         return len(self._images)

@@ -38,9 +38,12 @@ def require_labels(source, purpose: str = "a class-conditional run") -> int:
     it names them, else the largest label + 1. A source without labels raises a one-line UserError."""
     labels = getattr(source, "labels", None)
     if labels is None:
+        # A source that knows where its labels may be says so (hf: an integer column it did not detect).
+        hint = getattr(source, "labels_hint", None) or (
+            "mnist, cifar10:DIR, folder:DIR with one sub-folder per class, npz:FILE with a 'labels' array, or "
+            "hf:NAME with a label column (--label-column)")
         raise UserError(f"data source {getattr(source, 'name', source)} has no labels; {purpose} needs labelled "
-                        "data: mnist, cifar10:DIR, folder:DIR with one sub-folder per class, npz:FILE with a "
-                        "'labels' array, or hf:NAME with a label column")
+                        f"data: {hint}")
     names = getattr(source, "class_names", None)
     return len(names) if names else int(labels.max()) + 1
 
@@ -50,6 +53,7 @@ class Labelled:
 
     labels: torch.Tensor | None = None
     class_names: list[str] | None = None
+    labels_hint: str | None = None  # without labels: how this source could have them (require_labels says it)
 
     def get_batch_labels(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Labels (B,) int64 of the items that ``get_batch(indices)`` returns."""
