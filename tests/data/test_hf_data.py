@@ -122,7 +122,10 @@ def test_explicit_columns_integer_labels_and_missing_labels(datasets, tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["p", "q"])}))
     unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
     with pytest.warns(UserWarning, match="missing labels"):
-        assert open_source(f"hf:{tmp_path / 'unlabelled'}").labels is None
+        missing = open_source(f"hf:{tmp_path / 'unlabelled'}")
+    assert missing.labels is None
+    with pytest.raises(UserError, match=r"its column 'label' marks its labels missing \(-1\): use a labelled split"):
+        require_labels(missing)
     with pytest.raises(UserError, match="labels must be >= 0, found -1"):
         open_source(f"hf:{tmp_path / 'unlabelled'}", label_column="label")
 
