@@ -309,6 +309,9 @@ class DistillConfig:
     teacher_guidance: float = 1.0
     teacher_autoguidance: float = 1.0
     teacher_guidance_interval: Optional[tuple] = None  # the teacher's sample.guidance_interval
+    # a first round on the teacher's own grid, one student step per guided teacher step (Meng et al.
+    # 2023, stage one; ddpm.training.distill), before the halvings
+    match_round: bool = False
     spacing: Literal["trailing"] = "trailing"
     parametrisation: Literal["v"] = "v"
 

@@ -39,6 +39,26 @@ def test_steps_rule():
             check_steps(1000, teacher_steps, steps)
 
 
+def test_the_match_round_targets_one_teacher_step_and_a_halving_two():
+    # A student that is the exact teacher in v-prediction: its one DDIM step is the teacher's one
+    # step (the match round's loss vanishes) but not the teacher's two steps of a halving.
+    from ddpm.core.diffusion import predict_x0_from_eps, v_from_x0_eps
+    from ddpm.training.distill import distill_loss
+
+    schedule = ddpm.NoiseSchedule.from_name("sqrt_linear", 1000)
+    gmm = GaussianMixture(k=8, radius=1.0, std=0.1)
+    teacher = gmm.eps_oracle(schedule)
+
+    def student_v(x_t, t):
+        eps = teacher(x_t, t)
+        return v_from_x0_eps(schedule, predict_x0_from_eps(schedule, x_t, t, eps), eps, t)
+
+    x = gmm.sample(512, torch.Generator().manual_seed(0))
+    losses = {k: float(distill_loss(student_v, teacher, schedule, x, 8, generator=torch.Generator().manual_seed(1),
+                                    teacher_substeps=k)) for k in (1, 2)}
+    assert losses[1] < 1e-8 < 1e-3 < losses[2], losses
+
+
 def test_oracle_student_in_four_steps_matches_the_mixture():
     torch.manual_seed(0)
     schedule = ddpm.NoiseSchedule.from_name("sqrt_linear", 1000)
@@ -85,8 +105,9 @@ def test_distilled_run_samples_its_grid_only(teacher_run, tmp_path):
     assert d.teacher == str(teacher_run.resolve()) and d.teacher_checkpoint.endswith("ema.safetensors")
     assert run.sample_kwargs == {"prediction": "v", "variance": "fixed_small", "clip_denoised": False,
                                  "spacing": "trailing"}
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["final.png", "round-1-4steps.png",
-                                                                    "round-2-2steps.png"]
+    # the match round on the teacher's 8-step grid, then 8 -> 4 -> 2
+    assert d.match_round and sorted(p.name for p in (out / "samples").iterdir()) == [
+        "final.png", "round-1-8steps.png", "round-2-4steps.png", "round-3-2steps.png"]
     from ddpm.sampling.batches import sampler_settings
 
     assert sampler_settings(run) == sampler_settings(run, "ddim", 2, 0.0)
@@ -101,7 +122,8 @@ def test_distilled_run_samples_its_grid_only(teacher_run, tmp_path):
             distill_run(out, out=tmp_path / "again", progress=False, **kw)
     assert not (tmp_path / "again").exists()
     once_more = distill_run(out, steps=1, out=tmp_path / "one", iters_per_round=2, progress=False)
-    assert ddpm.load(once_more).config.distill.teacher_steps == 2
+    again = ddpm.load(once_more).config.distill
+    assert again.teacher_steps == 2 and not again.match_round  # its guidance is baked in already
 
 
 @pytest.mark.parametrize("stop_at", [5, 9])  # inside round 1 (teacher: the run), inside round 2 (the round-1 student)
@@ -159,7 +181,8 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     assert args.func(args) == 0
     # report.html as for a trained run: one preview per round, in round order, and where it came from
     page = (out / "report.html").read_text()
-    assert page.index("round 1: 4 steps") < page.index("round 2: 2 steps") < page.index("final (step 6)")
+    assert page.index("round 1: 8 steps") < page.index("round 2: 4 steps") < page.index("round 3: 2 steps") \
+        < page.index("final (step 9)")
     assert f"distilled from <b>{teacher_run.resolve()}</b> (8 to <b>2</b> DDIM steps)" in page
     assert main(["sample", str(out), "--num", "8", "--out", str(tmp_path / "x.png")]) == 0
     assert "ddim, 2 steps" in capsys.readouterr().out

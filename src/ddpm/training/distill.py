@@ -28,7 +28,12 @@ x~ itself lies outside the data range whenever the teacher's two steps do.
 
 Guidance is baked in (Meng et al. 2023): the teacher of the first round is the guided model (a
 callable that combines classifier-free guidance or autoguidance itself), so the student learns
-the guided two-step map with one network call per step.
+the guided two-step map with one network call per step. With ``match_round`` that happens in a
+round of its own first, Meng et al.'s stage one: the student takes the teacher's own grid
+(N = teacher_steps) and one student step matches one guided teacher step (``teacher_substeps`` 1,
+where the target x~ is the teacher's x0 prediction). The student there learns the guidance and its
+new parametrisation (v, from a teacher that predicts eps) on the easiest target; the halvings that
+follow have a v-prediction teacher of one network call instead of the guided two.
 
 Each round (``distill``) initialises the student from the teacher's weights (the caller's student
 in the first round), trains it with Adam on ``iters`` batches at a learning rate that decays
@@ -52,8 +57,8 @@ from ..core.schedules import NoiseSchedule
 from ..errors import UserError
 from ..sampling.samplers import timestep_grid
 
-__all__ = ["distill", "distill_grid", "check_steps", "round_steps", "distill_loss", "round_lr", "sample_kwargs",
-           "STUDENT_PREDICTION", "SPACING"]
+__all__ = ["distill", "distill_grid", "check_steps", "round_steps", "round_plan", "distill_loss", "round_lr",
+           "sample_kwargs", "STUDENT_PREDICTION", "SPACING"]
 
 STUDENT_PREDICTION = "v"
 SPACING = "trailing"
@@ -85,12 +90,22 @@ def check_steps(T: int, teacher_steps: int, steps: int) -> None:
 
 
 def round_steps(teacher_steps: int, steps: int) -> list[int]:
-    """The student's N of each round: teacher_steps / 2, / 4, ..., ``steps``."""
+    """The student's N of each halving: teacher_steps / 2, / 4, ..., ``steps``."""
     out, n = [], teacher_steps
     while n > steps:
         n //= 2
         out.append(n)
     return out
+
+
+def round_plan(teacher_steps: int, steps: int, match_round: bool) -> list[int]:
+    """The student's N of each round: the match round's teacher_steps first when asked for."""
+    return ([teacher_steps] if match_round else []) + round_steps(teacher_steps, steps)
+
+
+def substeps(r: int, match_round: bool) -> int:
+    """Teacher steps per student step in round r: 1 in the match round, else 2."""
+    return 1 if match_round and r == 0 else 2
 
 
 def round_lr(lr: float, it: int, iters: int, time_fraction: float = 0.0) -> float:
@@ -126,28 +141,30 @@ def _ddim_step(schedule, model, z, t, ab_next, labels, prediction, clip):
 
 def distill_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor, steps: int, *,
                  generator: torch.Generator, labels: torch.Tensor | None = None, teacher_prediction: str = "eps",
-                 teacher_clip: bool = False) -> torch.Tensor:
+                 teacher_clip: bool = False, teacher_substeps: int = 2) -> torch.Tensor:
     """Algorithm 2's loss for one batch ``x`` (B, ...) of data: the student's one step on the
-    N-step grid (N = ``steps``) against the teacher's two on the 2N grid, weighted by truncated
-    SNR. ``generator`` (on x's device) draws the grid index and the noise; the teacher runs without
-    gradients; ``labels`` (B,) go to both networks when given."""
+    N-step grid (N = ``steps``) against the teacher's two on the 2N grid (``teacher_substeps`` 1:
+    one on the N grid, the match round), weighted by truncated SNR. ``generator`` (on x's device)
+    draws the grid index and the noise; the teacher runs without gradients; ``labels`` (B,) go to
+    both networks when given."""
     check_choice("teacher_prediction", teacher_prediction, PREDICTIONS)
-    B, device, T = x.shape[0], x.device, schedule.num_timesteps
+    B, device, T, k = x.shape[0], x.device, schedule.num_timesteps, teacher_substeps
     ab = schedule.alphas_cumprod.to(device)
-    fine = distill_grid(T, 2 * steps).to(device)
-    ab_fine = torch.cat([ab[fine], ab.new_ones(1)])  # abar at g^2N_0..g^2N_{2N-1}, then 1 (x0)
+    fine = distill_grid(T, k * steps).to(device)
+    ab_fine = torch.cat([ab[fine], ab.new_ones(1)])  # abar at g^kN_0..g^kN_{kN-1}, then 1 (x0)
     # Algorithm 2, lines 3-5: x ~ data, t = g^N_i with i ~ U{0..N-1}, eps ~ N(0, I), z_t = alpha_t x + sigma_t eps.
     i = torch.randint(0, steps, (B,), device=device, generator=generator)
     eps = torch.randn(x.shape, device=device, generator=generator, dtype=x.dtype)
-    t, t1 = fine[2 * i], fine[2 * i + 1]
-    ab_t, ab_t1, ab_t2 = ab_fine[2 * i], ab_fine[2 * i + 1], ab_fine[2 * i + 2]
+    t, ab_t, ab_t2 = fine[k * i], ab_fine[k * i], ab_fine[k * i + k]
     shape = (-1,) + (1,) * (x.ndim - 1)
     alpha_t, sigma_t = ab_t.sqrt().view(shape), (1 - ab_t).sqrt().view(shape)
     z = alpha_t.to(x.dtype) * x + sigma_t.to(x.dtype) * eps
     with torch.no_grad():
-        # Lines 6-7: two DDIM steps of the teacher, t -> t' -> t''.
-        z1, _ = _ddim_step(schedule, teacher, z, t, ab_t1, labels, teacher_prediction, teacher_clip)
-        z2, x0_last = _ddim_step(schedule, teacher, z1, t1, ab_t2, labels, teacher_prediction, teacher_clip)
+        # Lines 6-7: two DDIM steps of the teacher, t -> t' -> t'' (one, t -> t'', in the match round).
+        z2 = z
+        for j in range(k):
+            z2, _ = _ddim_step(schedule, teacher, z2, fine[k * i + j], ab_fine[k * i + j + 1], labels,
+                               teacher_prediction, teacher_clip)
         # Line 8: x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t);
         # at the last step (t'' = x0: sigma_t'' = 0) x~ is the teacher's z_t'' itself.
         alpha2, sigma2 = ab_t2.sqrt().view(shape), (1 - ab_t2).clamp(min=0).sqrt().view(shape)
@@ -165,7 +182,7 @@ def distill_loss(student, teacher, schedule: NoiseSchedule, x: torch.Tensor, ste
 def distill(teacher: Callable, schedule: NoiseSchedule, student: torch.nn.Module, data: Callable, *, steps: int,
             teacher_steps: int, iters: int | list[int] = 1000, lr: float = 1e-4, seed: int = 0,
             teacher_prediction: str = "eps", teacher_clip: bool = False, grad_clip: float = 1.0,
-            progress: bool = False, on_round: Callable | None = None) -> torch.nn.Module:
+            match_round: bool = False, progress: bool = False, on_round: Callable | None = None) -> torch.nn.Module:
     """Distil ``teacher`` (a callable ``model(x_t, t)`` or ``model(x_t, t, labels)``, guidance combined,
     in ``teacher_prediction``) on a ``teacher_steps`` DDIM grid into a v-prediction ``student`` of
     ``steps`` DDIM steps, halving the steps each round (Salimans & Ho 2022, Algorithm 2).
@@ -173,11 +190,12 @@ def distill(teacher: Callable, schedule: NoiseSchedule, student: torch.nn.Module
     ``student`` (an ``nn.Module``, trained in place and returned) is the first round's initial
     network, e.g. the teacher network itself or a fresh one. ``data(k)`` returns the batch x (B, ...)
     of iteration k (counted over all rounds), or (x, labels). ``iters``: iterations per round, one
-    number or one per round. ``on_round(round, N, student)`` is called after each round. Sample the
+    number or one per round. ``match_round`` adds a first round on the teacher's own grid (see the
+    module docstring). ``on_round(round, N, student)`` is called after each round. Sample the
     result with ``ddpm.sample(student, schedule, shape, **ddpm.training.distill.sample_kwargs(steps))``.
     """
     check_steps(schedule.num_timesteps, teacher_steps, steps)
-    plan = round_steps(teacher_steps, steps)
+    plan = round_plan(teacher_steps, steps, match_round)
     iters = [iters] * len(plan) if isinstance(iters, int) else list(iters)
     if len(iters) != len(plan) or min(iters) < 1:
         raise ValueError(f"iters must be a positive number or one per round ({len(plan)}), got {iters}")
@@ -186,7 +204,7 @@ def distill(teacher: Callable, schedule: NoiseSchedule, student: torch.nn.Module
     k = 0
     for r, (n, n_iters) in enumerate(zip(plan, iters)):
         optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-        bar = _round_bar(r, len(plan), n, n_iters, progress)
+        bar = _round_bar(r, len(plan), n, n_iters, progress, substeps=substeps(r, match_round))
         for it in range(n_iters):
             for group in optimizer.param_groups:
                 group["lr"] = round_lr(lr, it, n_iters)
@@ -194,7 +212,7 @@ def distill(teacher: Callable, schedule: NoiseSchedule, student: torch.nn.Module
             x, labels = split_batch(data(k))
             loss = distill_loss(student, teacher, schedule, x.to(device), n, generator=gen, labels=labels,
                                 teacher_prediction=teacher_prediction if r == 0 else STUDENT_PREDICTION,
-                                teacher_clip=teacher_clip and r == 0)
+                                teacher_clip=teacher_clip and r == 0, teacher_substeps=substeps(r, match_round))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip or math.inf)
@@ -225,6 +243,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
-def _round_bar(r: int, rounds: int, n: int, iters: int, progress: bool, initial: int = 0):
-    return tqdm(total=iters, initial=initial, desc=f"round {r + 1}/{rounds}: {2 * n}->{n} steps", unit="it",
+def _round_bar(r: int, rounds: int, n: int, iters: int, progress: bool, initial: int = 0, substeps: int = 2):
+    what = f"{2 * n}->{n} steps" if substeps == 2 else f"{n} steps, the guided teacher's"
+    return tqdm(total=iters, initial=initial, desc=f"round {r + 1}/{rounds}: {what}", unit="it",
                 dynamic_ncols=True, disable=not progress)

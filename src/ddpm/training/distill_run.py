@@ -40,7 +40,7 @@ from . import guards
 from .budget import TimeBudget
 from .data import get_batch, open_training_data
 from .distill import (STUDENT_PREDICTION, _round_bar, check_steps, distill_loss, frozen_copy, iteration_seed,
-                      round_lr, round_steps)
+                      round_lr, round_plan, substeps)
 from .distributed import rng_states
 from .loop import IndexStream, TrainingDiverged, TrainingInterrupted
 from .previews import save_preview
@@ -126,7 +126,8 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
                             f"(halved k >= 1 times), not to {steps}")
     teacher_steps = default_teacher_steps(T, steps) if teacher_steps is None else teacher_steps
     check_steps(T, teacher_steps, steps)
-    plan = round_steps(teacher_steps, steps)
+    match = c.distill is None  # a trained run's guided eps teacher: the match round first (Meng et al.)
+    plan = round_plan(teacher_steps, steps, match)
     s = c.sample
     distill = DistillConfig(
         teacher=str(path.resolve()), teacher_checkpoint=str(run.path.resolve()), teacher_steps=teacher_steps,
@@ -134,7 +135,8 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
         teacher_guidance=s.guidance if c.distill is None else c.distill.teacher_guidance,
         teacher_autoguidance=(s.autoguidance if run.guide is not None else 1.0) if c.distill is None
         else c.distill.teacher_autoguidance,
-        teacher_guidance_interval=s.guidance_interval if c.distill is None else c.distill.teacher_guidance_interval)
+        teacher_guidance_interval=s.guidance_interval if c.distill is None else c.distill.teacher_guidance_interval,
+        match_round=match)
     config = c.override(**{
         "diffusion.prediction": STUDENT_PREDICTION, "diffusion.clip_denoised": False,
         "sample.sampler": "ddim", "sample.steps": steps, "sample.eta": 0.0, "sample.guidance": 1.0,
@@ -211,7 +213,8 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
                 teacher = frozen_copy(student)  # Algorithm 2: the student becomes the teacher
             optimizer = torch.optim.Adam(student.parameters(), lr=config.optim.lr)
         student.train()
-        bar = stack.enter_context(_round_bar(r, len(plan), n, d.iters_per_round, progress, initial=it))
+        bar = stack.enter_context(_round_bar(r, len(plan), n, d.iters_per_round, progress, initial=it,
+                                             substeps=substeps(r, d.match_round)))
         t_round, round_before, sums, skipped_run, t_log = time.monotonic(), round_s, [0.0, 0, 0], 0, time.monotonic()
         stop = None
         while it < d.iters_per_round:
@@ -234,7 +237,8 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
                 loss = distill_loss(student, teacher, schedule, x, n, generator=gen, labels=labels,
                                     teacher_prediction=teacher_run.config.diffusion.prediction if r == 0
                                     else STUDENT_PREDICTION,
-                                    teacher_clip=teacher_run.config.diffusion.clip_denoised if r == 0 else False)
+                                    teacher_clip=teacher_run.config.diffusion.clip_denoised if r == 0 else False,
+                                    teacher_substeps=substeps(r, d.match_round))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.optim.grad_clip or math.inf)
