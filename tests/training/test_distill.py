@@ -89,6 +89,7 @@ def teacher_run(tmp_path_factory):
 def _distil(teacher, out, **kw):
     from ddpm.training.distill_run import distill_run
 
+    kw = {"match_round": True, **kw}  # the match round too, so that resume is tested across it
     return distill_run(teacher, steps=2, teacher_steps=8, iters_per_round=6, batch_size=32, out=out, progress=False,
                        log_every=2, **kw)
 
@@ -177,7 +178,7 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     distill_command.add_parser(parser.add_subparsers(), argparse.RawDescriptionHelpFormatter)
     out = tmp_path / "s"
     args = parser.parse_args(["distill", str(teacher_run), "--steps", "2", "--teacher-steps", "8", "--out", str(out),
-                              "--iters-per-round", "3", "--no-progress"])
+                              "--iters-per-round", "3", "--no-progress", "--match-round"])
     assert args.func(args) == 0
     # report.html as for a trained run: one preview per round, in round order, and where it came from
     page = (out / "report.html").read_text()

@@ -37,6 +37,9 @@ def add_parser(subparsers, formatter_class) -> None:
                    "bit for bit)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (default: each round's end)")
+    d.add_argument("--match-round", action="store_true", help="a first round on the teacher's own grid in which "
+                   "one student step learns one guided teacher step (Meng et al. 2023, stage one); measured on the "
+                   "mnist run it cost a round and did not help (docs/distillation.md)")
     d.add_argument("--resume", action="store_true", help="continue the distillation in --out")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -53,7 +56,7 @@ def cmd_distill(args) -> int:
     out = distill_run(args.run, steps=args.steps, out=args.out, teacher_steps=args.teacher_steps,
                       iters_per_round=args.iters_per_round, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_minutes=args.max_minutes, resume=args.resume, progress=args.progress,
-                      ckpt_every=args.ckpt_every, device=args.device)
+                      ckpt_every=args.ckpt_every, device=args.device, match_round=args.match_round)
     print(f"ddpm: distilled {args.run} into {args.steps} steps in {out}; sample it with `ddpm sample {out} --out x.png`")
     write_run_report(out)
     return 0

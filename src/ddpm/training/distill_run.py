@@ -63,19 +63,20 @@ def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = Non
                 iters_per_round: int = 1000, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
                 max_minutes: float | None = None, resume: bool = False, progress: bool = True,
                 ckpt_every: int = 0, log_every: int = 50, stop_at: int | None = None,
-                device: str = "auto") -> Path:
+                device: str = "auto", match_round: bool = False) -> Path:
     """Distil the finished run ``teacher`` into ``steps`` DDIM steps in run directory ``out``.
 
     Nothing is written when the request is refused (a one-line UserError): ``teacher`` not a
     finished run, a learned-variance teacher, ``steps`` not the teacher grid halved k >= 1 times
     (``check_steps``; a distilled teacher's grid is its own step count), ``out`` already holding
     checkpoints without ``resume``. ``stop_at`` stops (with a checkpoint) after that many
-    iterations in all, as a signal would, but returns ``out`` instead of raising.
+    iterations in all, as a signal would, but returns ``out`` instead of raising. ``match_round``
+    (a trained teacher only) adds the first round of ``ddpm.training.distill``'s module docstring.
     """
     device = pick_device(device)
     teacher_run = _finished_run(Path(teacher), device)
     config, plan = _student_config(teacher_run, Path(teacher), steps, teacher_steps, iters_per_round, batch_size,
-                                   lr, seed, max_minutes, ckpt_every, log_every)
+                                   lr, seed, max_minutes, ckpt_every, log_every, match_round)
     out = Path(out) if out is not None else Path("runs") / config.name
     if resume and not (out / "config.json").is_file():
         raise UserError(f"--resume: {out} holds no distillation (no config.json); leave out --resume to start one")
@@ -114,7 +115,7 @@ def _finished_run(path: Path, device: torch.device) -> LoadedRun:
 
 
 def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, batch_size, lr, seed, max_minutes,
-                    ckpt_every, log_every) -> tuple[TrainConfig, list[int]]:
+                    ckpt_every, log_every, match_round) -> tuple[TrainConfig, list[int]]:
     c, T = run.config, run.schedule.num_timesteps
     if c.distill is not None:  # a distilled teacher has exactly one grid: its own
         if teacher_steps not in (None, c.distill.steps):
@@ -126,7 +127,7 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
                             f"(halved k >= 1 times), not to {steps}")
     teacher_steps = default_teacher_steps(T, steps) if teacher_steps is None else teacher_steps
     check_steps(T, teacher_steps, steps)
-    match = c.distill is None  # a trained run's guided eps teacher: the match round first (Meng et al.)
+    match = match_round and c.distill is None  # a distilled teacher has its guidance baked in already
     plan = round_plan(teacher_steps, steps, match)
     s = c.sample
     distill = DistillConfig(
