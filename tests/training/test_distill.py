@@ -129,9 +129,13 @@ def test_distilled_run_samples_its_grid_only(teacher_run, tmp_path):
 
 @pytest.mark.parametrize("stop_at", [5, 9])  # inside round 1 (teacher: the run), inside round 2 (the round-1 student)
 def test_resumed_distillation_is_bit_identical(teacher_run, tmp_path, stop_at):
+    from ddpm.training.distill_run import distill_run
+
     straight = _distil(teacher_run, tmp_path / "straight")
     _distil(teacher_run, tmp_path / "resumed", stop_at=stop_at)
     assert (tmp_path / "resumed" / f"ckpt-{stop_at:07d}").is_dir()
+    with pytest.raises(UserError, match=r"is not finished .* finish it with `ddpm distill .* --resume` \(and the"):
+        distill_run(tmp_path / "resumed", steps=1, out=tmp_path / "on-from-a-stopped-one", progress=False)
     _distil(teacher_run, tmp_path / "resumed", resume=True)
     a, b = _weights(straight), _weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -105,8 +105,11 @@ def _finished_run(path: Path, device: torch.device) -> LoadedRun:
     latest = latest_verified_checkpoint(path)
     step = int(latest.name.split("-")[1])
     if step < config.train.steps and not (path / "samples" / "final.png").is_file():
+        finish = (f"`ddpm train --resume --out {path}`" if config.distill is None else
+                  f"`ddpm distill {config.distill.teacher} --steps {config.distill.steps} --out {path} --resume` "
+                  f"(and the options it was started with)")
         raise UserError(f"{path} is not finished (its newest checkpoint is step {step} of {config.train.steps}); "
-                        f"finish it with `ddpm train --resume --out {path}` first")
+                        f"finish it with {finish} first")
     if config.diffusion.variance == "learned_range":
         raise UserError(f"{path} learns its variances (learned_range): distillation supports fixed-variance "
                         f"teachers only (DDIM does not use the variance, but the student network would keep "
