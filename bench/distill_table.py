@@ -1,11 +1,14 @@
 """Distilled students against their teacher on MNIST: quality, wall time and network calls (issue 20).
 
     ddpm train --out runs/mnist                                             # the teacher (default preset)
-    ddpm distill runs/mnist --steps 8 --max-minutes 10 --out runs/mnist-d8  # 128 -> 64 -> 32 -> 16 -> 8
-    ddpm distill runs/mnist-d8 --steps 4 --max-minutes 3 --out runs/mnist-d4
-    ddpm distill runs/mnist-d4 --steps 2 --max-minutes 3 --out runs/mnist-d2
-    ddpm distill runs/mnist-d2 --steps 1 --max-minutes 3 --out runs/mnist-d1
-    python bench/distill_table.py runs/mnist runs/mnist-d8 runs/mnist-d4 runs/mnist-d2 runs/mnist-d1
+    ddpm distill runs/mnist --steps 8 --teacher-steps 64 --iters-per-round 500 --out runs/mnist-8   # 64 -> ... -> 8
+    ddpm distill runs/mnist-8 --steps 4 --iters-per-round 500 --out runs/mnist-4
+    ddpm distill runs/mnist-4 --steps 2 --iters-per-round 500 --out runs/mnist-2
+    ddpm distill runs/mnist-2 --steps 1 --iters-per-round 500 --out runs/mnist-1
+    python bench/distill_table.py runs/mnist runs/mnist-8 runs/mnist-4 runs/mnist-2 runs/mnist-1
+
+(Step-counted rounds: rounds on a time budget, --max-minutes, get fewer iterations on a busy
+machine and so a worse student. What these gave: docs/distillation.md.)
 
 Rows, all on the same per-sample seeds (SEED, i), i < --num (an image depends only on its seed):
 
