@@ -48,11 +48,13 @@ from .runlog import _drop_records_after
 
 __all__ = ["distill_run", "default_teacher_steps"]
 
-DEFAULT_TEACHER_GRID = 128  # the first teacher grid, when the teacher is not itself distilled
+# The first teacher grid, when the teacher is not itself distilled: 64 DDIM steps of the default mnist
+# run score as its 100 ancestral ones in FD (20.8 against 20.5), and each halving saved is a round.
+DEFAULT_TEACHER_GRID = 64
 
 
 def default_teacher_steps(T: int, steps: int) -> int:
-    """steps * 2^k for the largest k >= 1 with steps * 2^k <= max(128, 2 steps) (and <= T, checked later)."""
+    """steps * 2^k for the largest k >= 1 with steps * 2^k <= max(64, 2 steps) (and <= T, checked later)."""
     n = 2 * steps
     while 2 * n <= min(T, DEFAULT_TEACHER_GRID):
         n *= 2
@@ -60,7 +62,7 @@ def default_teacher_steps(T: int, steps: int) -> int:
 
 
 def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = None, teacher_steps: int | None = None,
-                iters_per_round: int = 1000, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+                iters_per_round: int = 500, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
                 max_minutes: float | None = None, resume: bool = False, progress: bool = True,
                 ckpt_every: int = 0, log_every: int = 50, stop_at: int | None = None,
                 device: str = "auto", match_round: bool = False) -> Path:
