@@ -24,6 +24,7 @@ from .errors import UserError, first_line
 from .nets.mlp import MLPConfig, MLPDenoiser
 from .nets.unet import UNet
 from .nets.unet_config import UNetConfig
+from .sampling.guidance import check_interval
 from .sampling.samplers import SAMPLERS
 
 # The choices of the ``Literal[...]`` fields below are the tuples of the modules that implement
@@ -249,10 +250,6 @@ class SampleConfig:
             self.guidance_interval = tuple(self.guidance_interval)
         _check_fields(self)
         _require(self.steps is None or self.steps >= 1, f"sample steps must be >= 1, got {self.steps}")
-        gi = self.guidance_interval
-        _require(gi is None or (len(gi) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in gi)
-                                and 0 <= gi[0] <= gi[1]),
-                 f"sample.guidance_interval must be two timesteps [t_lo, t_hi] with 0 <= t_lo <= t_hi, got {gi}")
         _require(self.eta >= 0 and self.num >= 1, "eta must be >= 0 and num >= 1")
         _require(math.isfinite(self.guidance), f"sample.guidance must be a finite number, got {self.guidance}")
         _require(math.isfinite(self.autoguidance), f"sample.autoguidance must be a finite number, got {self.autoguidance}")
@@ -340,9 +337,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_fields(self)
-        gi = self.sample.guidance_interval
-        _require(gi is None or gi[1] <= self.diffusion.timesteps - 1,
-                 f"sample.guidance_interval {list(gi or ())} goes past the last timestep T - 1 = {self.diffusion.timesteps - 1}")
+        check_interval(self.sample.guidance_interval, self.diffusion.timesteps)  # the samplers' rule, where T is known
         problem = variance_channels_problem(self.model.learn_sigma, self.diffusion.variance, training=True)
         _require(problem is None, problem)
         _check_conditioning(self)

@@ -127,7 +127,7 @@ def _draw(run, device, num: int, args, batch_size: int):
     return x0, settings, cond
 
 
-def _interval(cond) -> tuple[int, int] | None:
+def _recorded_interval(cond) -> tuple[int, int] | None:
     """The guidance interval where some guidance is on (it changes nothing otherwise)."""
     guided = cond.autoguidance != 1 or (cond.labels is not None and cond.guidance != 1)
     return cond.guidance_interval if guided else None
@@ -136,14 +136,14 @@ def _interval(cond) -> tuple[int, int] | None:
 def _cond_tag(args, cond) -> str:
     # unconditional runs sampled without autoguidance: no tag in the report's name
     auto = f"-ag{cond.autoguidance:g}" if cond.autoguidance != 1 else ""
-    auto += "-t{}-{}".format(*_interval(cond)) if _interval(cond) else ""
+    auto += "-t{}-{}".format(*_recorded_interval(cond)) if _recorded_interval(cond) else ""
     return auto if cond.labels is None else f"-class{args.cls or 'uniform'}-w{cond.guidance:g}{auto}"
 
 
 def _cond_fields(args, cond) -> dict:
     auto = {"autoguidance": cond.autoguidance} if cond.autoguidance != 1 else {}
-    if _interval(cond):
-        auto["guidance_interval"] = list(_interval(cond))
+    if _recorded_interval(cond):
+        auto["guidance_interval"] = list(_recorded_interval(cond))
     if cond.labels is None:
         return auto
     return {"class": args.cls or "uniform", "guidance": cond.guidance, **auto}

@@ -33,7 +33,7 @@ from ..core.device import autocast, pick_device, resolve_amp
 from ..errors import UserError, first_line
 from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_state, restore_training_state, \
     save_checkpoint
-from ..io.files import RunLock, atomic_write_text, open_append, refuse_link, sweep_temporaries
+from ..io.files import RunLock, atomic_write_text, open_append, sweep_temporaries
 from ..io.run import LoadedRun, load
 from ..sampling.guidance import autoguided_model, guided_model, interval_model
 from . import guards
@@ -205,8 +205,7 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
             teacher = frozen_copy(teacher)
     atomic_write_text(out / "config.json", config.to_json() + "\n")
     log_path = out / "log.jsonl"
-    refuse_link(log_path)  # as ddpm train's log: a planted link is named, never followed
-    _drop_records_after(log_path, k)
+    _drop_records_after(log_path, k)  # (refuses a planted link, as open_append does)
     log = stack.enter_context(open_append(log_path))
     signals = stack.enter_context(guards.stop_signals())
     gen, drop_gen = torch.Generator(device=device), torch.Generator(device=device)

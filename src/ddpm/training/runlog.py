@@ -77,7 +77,6 @@ class RunLog:
         self.world, self.file, self.tb = world, None, None
         if rank == 0:
             path = Path(run_dir) / "log.jsonl"
-            refuse_link(path)  # before reading it: a planted link is named, neither read nor appended to
             # the stop record at ``step`` goes when the window it averaged was carried on (still open)
             _drop_records_after(path, step, keep_stop_record=window.since == step)
             self.file = stack.enter_context(open_append(path))
@@ -151,7 +150,9 @@ def _finite_or_none(x: float) -> float | None:
 
 def _drop_records_after(path: Path, step: int, keep_stop_record: bool = True) -> None:
     """Rewrite log.jsonl without records past ``step`` (and without a line cut by a kill); without
-    the record at ``step`` too unless ``keep_stop_record``."""
+    the record at ``step`` too unless ``keep_stop_record``. A symbolic link there is refused before
+    it is read (its target's lines would be copied into the run), as ``open_append`` refuses it."""
+    refuse_link(path)
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
