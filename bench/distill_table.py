@@ -66,13 +66,15 @@ class CallCounter:
             h.remove()
 
 
-def draw(run, sampler, steps, guidance: float, args, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
-    """(images, labels or None, wall seconds for --num images, network calls per image)."""
+def draw(run, sampler, steps, guidance: float, args, seed: int,
+         **extra) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """(images, labels or None, wall seconds for --num images, network calls per image); ``extra``
+    goes to ``sample_batches`` (autoguidance, guidance_interval)."""
     settings = sampler_settings(run, sampler, steps)
     labels = None
     if run.num_classes is not None:
         labels = torch.arange(run.num_classes).repeat_interleave(math.ceil(args.num / run.num_classes))[:args.num]
-    kw = dict(batch_size=args.batch_size, device=args.device, progress=False, guidance=guidance)
+    kw = dict(batch_size=args.batch_size, device=args.device, progress=False, guidance=guidance, **extra)
     # warm-up: one batch on other seeds (allocator, autocast caches), not timed
     sample_batches(run, min(args.batch_size, args.num), settings, seed=seed + 10_000, **kw,
                    labels=None if labels is None else labels[:args.batch_size])
