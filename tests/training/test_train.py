@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm.training.budget import CpuThreads, TimeBudget
+from ddpm.training.budget import TimeBudget
 from ddpm.training.budget import lr_at as _lr_at
 from ddpm.io.checkpoint import list_checkpoints
 from ddpm.io.run import load
@@ -227,23 +227,6 @@ def test_the_clock_drives_the_decay_when_it_is_ahead_of_the_steps():
         TimeBudget(1.0).load_state_dict({"elapsed_s": float("nan")}, "state.pt")
 
 
-def test_cpu_threads_follow_the_load_of_other_processes():
-    clock = {"busy": 0.0, "own": 0.0, "t": 0.0}  # machine busy seconds, this process's CPU seconds, wall
-    calls = []
-    threads = CpuThreads(2, busy_seconds=lambda: clock["busy"], own_seconds=lambda: clock["own"],
-                         clock=lambda: clock["t"], get_threads=lambda: 2, set_threads=calls.append)
-    clock.update(busy=19, own=18.5, t=10)  # alone (plus a little kernel noise): both cores ours
-    assert threads.update() == 2 and calls == []
-    clock.update(busy=39, own=28.5, t=20)  # another process took a core: we got one of the two
-    assert threads.update() == 1 and calls == [1]
-    clock.update(busy=59, own=38.5, t=30)  # it still runs
-    assert threads.update() == 1 and calls == [1]
-    clock.update(busy=68, own=47.5, t=40)  # it ended: our one thread is all that runs
-    assert threads.update() == 2 and calls == [1, 2]
-    clock.update(busy=None, t=50)  # /proc/stat unreadable: the count is kept
-    assert threads.update() == 2 and calls == [1, 2]
-
-
 def test_a_budgeted_cpu_run_without_omp_num_threads_records_its_threads_and_restores_them(
         tmp_path, tiny, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -253,6 +236,33 @@ def test_a_budgeted_cpu_run_without_omp_num_threads_records_its_threads_and_rest
     threads = [r["threads"] for r in read_log(run)]
     assert threads and all(1 <= n <= len(os.sched_getaffinity(0)) for n in threads)
     assert torch.get_num_threads() == before
+
+
+def test_a_step_counted_run_keeps_its_thread_count_unless_asked(tmp_path, tiny, monkeypatch):
+    # bit-exact resume needs a fixed count (a reduction over the batch splits by threads), so only
+    # threads="auto" makes a step-counted run follow the load; an integer fixes the count.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    config = tiny(**{"train.steps": 3, "train.log_every": 1, "train.ckpt_every": 0})
+    fixed = train(config, out=tmp_path / "fixed")
+    assert [r.get("threads") for r in read_log(fixed)] == [None] * 3  # not following: not recorded
+    follow = train(config, out=tmp_path / "follow", threads="auto")
+    assert all(1 <= r["threads"] <= before for r in read_log(follow))
+    from ddpm.training import loop
+
+    seen, real = [], loop._optimizer_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_optimizer_step", spy)
+    train(config, out=tmp_path / "one", threads=1)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
+    for bad in (0, -2, "many", True):
+        with pytest.raises(UserError, match="threads must be 'auto' or a count"):
+            train(config, out=tmp_path / f"bad-{bad}", threads=bad)
+        assert not (tmp_path / f"bad-{bad}").exists()  # refused before anything is written
 
 
 def read_log(run_dir):

@@ -22,6 +22,7 @@ from importlib import metadata
 
 from . import analytic, distill, eval, export, inpaint, interpolate, report, sample, schedules, train
 from .options import show_help
+from ..core import threads
 from ..errors import UserError, first_line
 
 # The commands, in the order `ddpm --help` lists them.
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    threads.quiet_waits()  # before anything imports torch: idle OpenMP threads give their core back
     # PIL warns about an image past Image.MAX_IMAGE_PIXELS (up to twice that) and decodes it anyway:
     # as an error, ddpm.data.images refuses it in one line, as it does one past twice the limit.
     warnings.filterwarnings("error", message=r"Image size \(\d+ pixels\) exceeds limit")

@@ -27,6 +27,11 @@ def classes(text: str):
     return text if text == "auto" else positive(text)
 
 
+def threads_option(text: str):
+    """--threads: 'auto' (follow the load of other processes) or a positive thread count."""
+    return text if text == "auto" else positive(text)
+
+
 def frames(text: str) -> int:
     value = positive(text)
     if value < 2:

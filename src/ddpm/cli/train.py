@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .choices import PREDICTIONS, PRESETS, SCHEDULES
 from .common import write_run_report
-from .options import classes, image_size
+from .options import classes, image_size, threads_option
 from ..errors import UserError, first_line
 
 EXAMPLES = """examples:
@@ -93,6 +93,9 @@ def add_parser(subparsers, formatter_class) -> None:
     t.add_argument("--channels-last", dest="ov:train.channels_last", action="store_const", const=True, help="NHWC layout")
     t.add_argument("--hflip", dest="ov:data.hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips")
+    t.add_argument("--threads", type=threads_option, default=None, metavar="auto|N",
+                   help="CPU threads: auto follows the load of other processes (a budgeted run does by "
+                   "default; a step-counted run keeps its count so --resume is bit-exact), N fixes the count")
     t.add_argument("--no-progress", dest="ov:train.progress", action="store_const", const=False, help="no progress bar")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.ch=64 --set train.ema_warmup=10")
@@ -148,7 +151,7 @@ def cmd_train(args) -> int:
         return 0
     if rank0:
         print(f"ddpm: training {config.name} {_training_mode(config)}", flush=True)
-    run_dir = train(config, out=args.out, resume=args.resume)
+    run_dir = train(config, out=args.out, resume=args.resume, threads=args.threads)
     if rank0:
         _say_how_it_ended(run_dir, config)
         write_run_report(run_dir)

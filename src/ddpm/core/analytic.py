@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import threads
 from .device import autocast_model, model_device
 from .diffusion import PREDICTIONS, check_choice, q_sample, respaced_schedule, split_output, x0_eps_from_output
 from .schedules import NoiseSchedule
@@ -205,8 +206,8 @@ def analytic_variance(
     bar = tqdm(total=items * ts.numel(), unit="x_t", unit_scale=True, dynamic_ncols=True,
                desc=f"analytic variance ({items} examples x {ts.numel()} timesteps)",
                disable=None if progress is None else not progress)
-    model = autocast_model(model, device, amp, on_call=None if bar.disable else bar.update)
-    with bar:
+    model = autocast_model(model, device, amp, on_call=threads.ticking(None if bar.disable else bar.update))
+    with threads.follow_load(device=device), bar:  # threads follow the others' load
         for x0 in _random_batches(data, num, batch_size, generator):
             x0 = x0.to(device, torch.float32 if not x0.is_floating_point() else x0.dtype)
             B = x0.shape[0]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import threads
 from .device import autocast_model, model_device
 from .diffusion import DECODERS, VARIANCES, check_choice, normal_kl, q_mean_variance, q_sample, vlb_term
 from .schedules import NoiseSchedule
@@ -155,9 +156,9 @@ def nll_bpd(
     # One step per item and timestep, so the ETA moves within a batch (a batch is T model calls).
     bar = tqdm(total=items * per_item, unit="x_t", unit_scale=True, dynamic_ncols=True,
                desc=f"nll ({items} items x {per_item} timesteps)", disable=None if progress is None else not progress)
-    model = autocast_model(model, device, amp, on_call=None if bar.disable else bar.update)
+    model = autocast_model(model, device, amp, on_call=threads.ticking(None if bar.disable else bar.update))
     D = None
-    with bar:
+    with threads.follow_load(device=device), bar:  # threads follow the others' load
         for x0 in _as_batches(data, batch_size, num):
             x0 = x0.to(device)
             D = x0[0].numel()

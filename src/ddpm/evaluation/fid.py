@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core import threads
 from ..data.images import IMAGE_SUFFIXES, read_image
 from ..errors import UserError
 from ..io.files import atomic_write, sha256_file
@@ -190,9 +191,11 @@ def extract_stats(net: torch.nn.Module, batches: Iterable[np.ndarray], *, keep: 
     if progress:
 
         it = tqdm(batches, desc="inception", unit="batch")
-    for images in it:
-        features, logits = net(images_to_nchw(images).to(device))
-        stats.update(features, logits)
+    with threads.follow_load(device=device):  # threads follow the others' load
+        for images in it:
+            features, logits = net(images_to_nchw(images).to(device))
+            stats.update(features, logits)
+            threads.tick()
     return stats
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import device as accel
+from ..core import threads as cpu_threads
 from ..core.noise import logical_shift_right, mix64, per_sample_seeds
 from ..errors import UserError
 from .samplers import default_steps, sample
@@ -125,7 +126,8 @@ def sample_batches(run, num: int, settings: SamplerSettings, *, seed: int = 0, b
         guide["guide"] = guide["guide"].to(device).eval()
     starts = range(0, num, batch_size)
     chunks, trajectory = [], None
-    with _StepBar(num, len(starts), settings, progress) as bar:
+    # threads follow the others' load (no sample changes: the count does not change a forward pass)
+    with cpu_threads.follow_load(device=device), _StepBar(num, len(starts), settings, progress) as bar:
         for start in starts:
             n = min(batch_size, num - start)
             with accel.autocast(device, amp):
@@ -159,12 +161,16 @@ class _StepBar:
         self.t0 = time.monotonic()
 
     def counting(self, model, n: int):
-        """``model`` as the sampler calls it, advancing the bar by one step of ``n`` images per call."""
-        if self.bar.disable:
+        """``model`` as the sampler calls it, advancing the bar by one step of ``n`` images per call
+        (and letting the load follower look at the clock)."""
+        if self.bar.disable and cpu_threads.current() is None:
             return model
         return _Counted(model, self, n)
 
     def advance(self, n: int) -> None:
+        cpu_threads.tick()
+        if self.bar.disable:
+            return
         self.image_steps += n
         rate = self.image_steps / self.steps / max(time.monotonic() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{rate:.3g} images/s", refresh=False)

@@ -17,25 +17,20 @@ unset for a step-exact run.
 The EMA needs no clock: the recipes' warm-up ``(1 + t) / (w + t)`` averages over about the last
 ``1 / (w - 1)`` of the steps taken, however many the budget allowed.
 
-A budgeted run on the CPU also adapts its torch threads to the load (``CpuThreads``): two
-processes each running one OpenMP thread per core on a 2-core machine spin at each other's
-barriers: two ``mnist`` runs at once made 1.1 steps/s each, against 5.3 for one alone, while with
-one thread each they made 3.9 steps/s each. So at every log record the run measures
-how many cores other processes used since the last one and keeps ``cores - that`` threads (at
-least one). Setting ``OMP_NUM_THREADS`` fixes the count instead.
+A budgeted run on the CPU also lets its torch threads follow the load of other processes
+(``ddpm.core.threads``): two processes each running one OpenMP thread per core on a 2-core
+machine wait at each other's barriers (two ``mnist`` runs at once made 1.1 steps/s each, against
+5.3 for one alone, and 3.9 each with one thread apiece). ``OMP_NUM_THREADS`` fixes the count.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-
-import torch
 
 from ..errors import UserError
 
-__all__ = ["CpuThreads", "TimeBudget", "lr_at", "schedule_progress", "step_progress"]
+__all__ = ["TimeBudget", "lr_at", "schedule_progress", "step_progress"]
 
 
 class TimeBudget:
@@ -91,45 +86,3 @@ def lr_at(config, step: int, time_fraction: float = 0.0) -> float:
         return o.lr
     p = schedule_progress(config, step, time_fraction)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _busy_seconds(stat: str = "/proc/stat") -> float | None:
-    """Seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal), or None."""
-    try:
-        with open(stat) as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuThreads:
-    """torch's CPU threads following the load: ``update()`` sets ``cores - others`` threads, where
-    ``others`` is the number of cores that other processes kept busy since the last call (the
-    machine's busy time minus this process's CPU time, over the wall time between the calls)."""
-
-    def __init__(self, cores: int | None = None, *, busy_seconds=_busy_seconds, own_seconds=time.process_time,
-                 clock=time.monotonic, get_threads=None, set_threads=None):
-
-        self.cores = cores or len(os.sched_getaffinity(0))
-        self._busy, self._own, self._clock = busy_seconds, own_seconds, clock
-        self._set = set_threads or torch.set_num_threads
-        self.threads = (get_threads or torch.get_num_threads)()
-        self._last = self._sample()
-
-    def _sample(self):
-        return self._busy(), self._own(), self._clock()
-
-    def update(self) -> int:
-        """Re-measure and set the thread count; returns it."""
-        now, last = self._sample(), self._last
-        self._last = now
-        if now[0] is None or last[0] is None or now[2] - last[2] <= 0:
-            return self.threads
-        others = ((now[0] - last[0]) - (now[1] - last[1])) / (now[2] - last[2])
-        threads = max(1, min(self.cores, self.cores - round(max(0.0, others))))
-        if threads != self.threads:
-            self._set(threads)
-            self.threads = threads
-        return threads

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import DistillConfig, TrainConfig, build_model
+from ..core import threads as cpu_threads
 from ..core.device import autocast, pick_device, resolve_amp
 from ..errors import UserError, first_line
 from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_state, restore_training_state, \
@@ -194,6 +195,9 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
     teacher, r, it, k, round_s = _teacher_model(teacher_run), 0, 0, 0, 0.0
     optimizer = torch.optim.Adam(student.parameters(), lr=config.optim.lr)
     budget = TimeBudget(c.max_minutes)
+    # threads follow the others' load where the clock drives the run anyway (a budget): a count that
+    # changes can change an iteration's low bits, and a step-counted distillation resumes bit-exactly
+    stack.enter_context(cpu_threads.follow_load(c.max_minutes is not None, device=device))
     latest = latest_verified_checkpoint(out) if resume else None
     if latest is not None:
         k = restore_training_state(latest, student, student, optimizer, time_budget=budget)
@@ -255,6 +259,7 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
             skipped_run = 0 if finite else skipped_run + 1
             it, k = it + 1, k + 1
             bar.update(1)
+            cpu_threads.tick()
             left = "" if share is None else f", budget {max(0.0, share - round_s) / 60:.1f} min left"
             bar.set_postfix_str(f"N={n}, loss {loss.item():.4g}{left}", refresh=False)
             if skipped_run >= c.max_nonfinite:

@@ -54,7 +54,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ import torch.distributed as dist
 
 from ..config import TrainConfig, build_model, item_shape
 from ..core import device as accel
+from ..core import threads as cpu_threads
 from ..core.diffusion import training_loss
 from ..data.loader import IndexStream, Prefetcher
 from ..errors import UserError
@@ -74,7 +74,7 @@ from ..io.files import RunLock, atomic_write_text, sweep_temporaries
 from ..io.run import LoadedRun
 from ..nets import fast
 from . import guards, optim
-from .budget import CpuThreads, TimeBudget, lr_at, schedule_progress
+from .budget import TimeBudget, lr_at, schedule_progress
 from .data import get_batch, open_training_data, with_class_names
 from .distributed import init_distributed, resume_from, rng_states, shared_run_dir
 from .previews import preview_kwargs, save_preview
@@ -98,7 +98,8 @@ class TrainingDiverged(UserError):
     """``train.max_nonfinite`` optimizer steps in a row had a NaN/Inf loss or gradient norm."""
 
 
-def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = False) -> Path:
+def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = False,
+          threads: str | int | None = None) -> Path:
     """Train ``config`` into run directory ``out`` (default ``runs/NAME-DATE-TIME``); return it.
 
     ``resume=True`` continues from the newest intact checkpoint in ``out`` (from step 0 when the
@@ -108,10 +109,20 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
     checkpoints live on rank 0. Raises ``TrainingInterrupted`` after saving a checkpoint on
     Ctrl-C, SIGTERM or SIGHUP, ``TrainingDiverged`` when the loss stays non-finite, and a
     one-line UserError when memory or disk run out.
+
+    ``threads`` (one process on the CPU): ``"auto"`` lets torch's thread count follow the load of
+    other processes (``ddpm.core.threads``), an integer fixes it, and None (default) follows
+    the load only in a budgeted run: a count that changes mid-run can change a step's low bits,
+    so a step-counted run keeps its count for a bit-exact ``resume``. OMP_NUM_THREADS, when set,
+    wins over "auto" and None.
     """
     c = config.train
+    if threads is not None and threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool)
+                                                      or threads < 1):
+        raise UserError(f"threads must be 'auto' or a count >= 1, got {threads!r}")
     with guards.resource_errors("training"), contextlib.ExitStack() as stack:  # closed on every way out
         r = _setup(config, out, resume, stack)  # process group, lock, data, model, EMA, optimizer, resume
+        _cpu_threads(c, r.device, r.world, threads, stack)
         stack.enter_context(guards.lost_peers(r.world, r.run_dir))  # a rank killed under torchrun: one line
         log = RunLog(r.run_dir, rank=r.rank, world=r.world, step=r.step, steps=c.steps, progress=c.progress,
                      window=r.log_window, log_every=c.log_every, stack=stack, time_fraction=r.time_fraction)  # log.jsonl, TensorBoard, bar
@@ -122,6 +133,7 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
             grad_norm = _optimizer_step(r, lr, log)  # Algorithm 1, lines 2-5; EMA (skipped when non-finite)
             r.step += 1
             log.bar.update(1)
+            cpu_threads.tick()  # a few seconds since the last look: follow the others' load
 
             at_log = r.step % c.log_every == 0 or r.step == c.steps
             stop, fraction = _stop_reason(r, signals[0], at_log)  # "time", a signal number or None
@@ -129,12 +141,12 @@ def train(config: TrainConfig, *, out: str | Path | None = None, resume: bool = 
                 r.time_fraction = fraction  # drives the next steps' learning rate
             p = schedule_progress(config, r.step, r.time_fraction)
             if at_log or stop is not None:  # the last record holds the step and progress reached
-                threads = r.cpu_threads.update() if r.cpu_threads is not None else None  # follow the load
+                follower = cpu_threads.current()
                 log.write(r.step, lr, grad_norm, _ema_decay_at(config, r.step - 1),
                           loss_scale=r.scaler.get_scale() if r.scaler.is_enabled() else None,
                           progress=p,
                           elapsed=r.budget.elapsed(), time_fraction=r.time_fraction if c.max_minutes else None,
-                          threads=threads)
+                          threads=follower.threads if follower is not None else None)
             if r.rank == 0 and c.guide_at is not None and r.guide is None and p >= c.guide_at:
                 r.guide, r.guide_step = copy.deepcopy(r.ema), r.step  # the EMA kept as the autoguidance guide
             if at_log or r.step % c.max_nonfinite == 0:
@@ -173,7 +185,6 @@ class _Run:
     log_window: LogWindow  # the loss summed since the last log record on the cadence, across resumes
     timestep_sampler: LossAwareTimestepSampler | None = None  # objective "vlb": t ~ p_t (section 3.3)
     time_fraction: float = 0.0  # share of the time budget used, as of the last stop check
-    cpu_threads: CpuThreads | None = None  # a budgeted one-process CPU run: threads follow the load
     guide: torch.nn.Module | None = None  # the EMA as it was at train.guide_at (autoguidance), once reached
     guide_step: int = 0
 
@@ -268,16 +279,18 @@ def _setup(config: TrainConfig, out, resume: bool, stack: contextlib.ExitStack) 
     return _Run(config=config, rank=rank, world=world, device=device, amp=amp, run_dir=run_dir, dataset=dataset,
                 loader=loader, schedule=schedule, model=model, net=net, ema=ema, optimizer=optimizer, step=step,
                 scaler=scaler, budget=budget, log_window=log_window, timestep_sampler=timestep_sampler, time_fraction=budget.fraction(),
-                cpu_threads=_cpu_threads(c, device, world, stack), guide=guide, guide_step=guide_step)
+                guide=guide, guide_step=guide_step)
 
 
-def _cpu_threads(c, device: torch.device, world: int, stack: contextlib.ExitStack) -> CpuThreads | None:
-    # Only where bit-exactness is given up anyway (the clock drives a budgeted run), as threads can
-    # change the order of reductions; an explicit OMP_NUM_THREADS is the user's choice, kept.
-    if device.type != "cpu" or world > 1 or c.max_minutes is None or "OMP_NUM_THREADS" in os.environ:
-        return None
-    stack.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's count again afterwards
-    return CpuThreads()
+def _cpu_threads(c, device: torch.device, world: int, threads, stack: contextlib.ExitStack) -> None:
+    # Following the load gives up bit-exactness (a reduction over the batch splits by threads), so
+    # by default only where the clock already drives the run: a time budget.
+    if threads is not None and threads != "auto":
+        stack.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's count afterwards
+        torch.set_num_threads(threads)
+        return
+    follow = threads == "auto" or c.max_minutes is not None
+    stack.enter_context(cpu_threads.follow_load(follow and world == 1, device=device))
 
 
 # -- one step ---------------------------------------------------------------------------------
