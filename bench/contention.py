@@ -12,6 +12,8 @@ each load the bench runs, as a user would (a fresh process, the CLI):
   steps / training seconds at the last log record;
 - train toy2d: ``ddpm train --preset toy2d --data toy:two_moons --steps N`` (no budget):
   the same;
+- train toy2d auto: the same with ``--threads auto`` (a step-counted run follows the load only
+  when asked: it gives up bit-exact resume);
 - sample: ``ddpm sample RUN --num 500 --steps 20`` (the run's sampler and guidance):
   images / (the command's wall time less that of ``--num 1 --steps 1`` under the same load).
 
@@ -115,6 +117,8 @@ def main() -> None:
         "train-mnist": lambda tmp: train_rate(["--max-minutes", str(args.minutes)], env, tmp),
         "train-toy2d": lambda tmp: train_rate(["--preset", "toy2d", "--data", "toy:two_moons", "--steps",
                                                str(args.toy_steps)], env, tmp),
+        "train-toy2d-auto": lambda tmp: train_rate(["--preset", "toy2d", "--data", "toy:two_moons", "--steps",
+                                                    str(args.toy_steps), "--threads", "auto"], env, tmp),
         "sample": lambda tmp: sample_rate(run, env, tmp, args.num, args.steps),
     }
     results = {}
@@ -128,7 +132,7 @@ def main() -> None:
                     print(f"{name} duty {d:g}: {got[d][-1]:.2f}/s", file=sys.stderr, flush=True)
             results[name] = {d: statistics.median(v) for d, v in got.items()}
     label = args.label or " ".join(args.env) or args.src
-    unit = {"train-mnist": "steps/s", "train-toy2d": "steps/s", "sample": "images/s"}
+    unit = {"train-mnist": "steps/s", "train-toy2d": "steps/s", "train-toy2d-auto": "steps/s", "sample": "images/s"}
     lines = [f"| {label} | " + " | ".join(f"d = {d:g}" for d in args.duty) + " |",
              "| --- |" + " ---: |" * len(args.duty)]
     for name, r in results.items():

@@ -147,3 +147,18 @@ def test_cli_report_and_the_report_of_a_real_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ddpm: error: run directory {tmp_path / 'missing'} does not exist",
                    f"ddpm: error: {tmp_path / 'empty'} is not a run directory (no config.json, no log.jsonl)"]
+
+
+@pytest.mark.parametrize("count, nrow", [(10, 1), (10, 10), (64, 8), (4, 2)])
+def test_previews_keep_their_pixel_aspect_at_a_whole_scale(tmp_path, count, nrow):
+    # a 10-class strip of one sample a class (32 x 302) was drawn 288 pixels wide: a blurry column
+    run, _, _ = _fake_run(tmp_path, [1.0, 0.5], n_previews=0, evals=False)
+    grid = save_grid(torch.zeros(count, 1, 28, 28), run / "samples" / "final.png", nrow=nrow)
+    from PIL import Image
+
+    w, h = Image.open(grid).size
+    img, = _Page(write_report(run).read_text(encoding="utf-8")).images
+    shown_w, shown_h = int(img["width"]), int(img["height"])
+    assert shown_w * h == shown_h * w  # the aspect of the pixels
+    assert shown_w % w == 0 and shown_w >= w  # a whole factor: square, sharp pixels
+    assert shown_w <= 520 and shown_h <= max(400, h)

@@ -235,19 +235,23 @@ pre { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 
 """
 
 
-def _png_width(data: bytes) -> int:
-    """Width from a PNG's IHDR chunk (bytes 16..19, big-endian)."""
-    return int.from_bytes(data[16:20], "big") if data[:8] == b"\x89PNG\r\n\x1a\n" else 256
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk (bytes 16..23, big-endian)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return 256, 256
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def _figure(caption: str, path: Path) -> str:
     data = path.read_bytes()
-    # Small grids (28-pixel digits) are enlarged by a whole factor, so pixels stay sharp squares.
-    width = _png_width(data)
-    shown = width * max(1, 300 // max(width, 1)) if width < 300 else min(width, 520)
+    # Small grids (28-pixel digits) are enlarged by a whole factor that fits both sides in 520 x 400,
+    # so pixels stay sharp squares and a strip keeps its aspect; larger ones are shrunk to 520 wide.
+    w, h = _png_size(data)
+    w, h = max(w, 1), max(h, 1)
+    scale = max(1, min(520 // w, 400 // h)) if w <= 520 else 520 / w
     uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return (f'<figure><img src="{uri}" width="{shown}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (f'<figure><img src="{uri}" width="{round(w * scale)}" height="{round(h * scale)}" '
+            f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 def _training_section(log: list[dict]) -> str:

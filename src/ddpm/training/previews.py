@@ -36,9 +36,10 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
     n = s.num if len(shape) == 1 else min(s.num, 64)
     num_classes, per_class, cond = config.model.num_classes, None, {}
     if num_classes is not None:
-        # One row per class (the first n classes if there are more), guided by sample.guidance:
-        # sample i has label i // per_class, as `ddpm sample RUN --class all` draws them.
-        rows = min(num_classes, n)
+        # One row per class, every class (up to 64) even when sample.num is smaller, guided by
+        # sample.guidance: sample i has label i // per_class, as `ddpm sample RUN --class all` draws
+        # them. One sample per class is laid out as one row of classes, not a column of them.
+        rows = min(num_classes, 64)
         per_class = max(1, n // rows)
         n = rows * per_class
         cond = {"labels": torch.arange(rows, device=device).repeat_interleave(per_class), "guidance": s.guidance}
@@ -48,4 +49,5 @@ def save_preview(model, schedule, config: TrainConfig, path: Path, *, device: to
                     **guide_kwargs(guide, s.autoguidance), guidance_interval=s.guidance_interval)
     own_dir(path.parent)  # RUN/samples: a link there is refused, not written through
     x0 = x0.float().cpu()
-    viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=per_class)
+    nrow = per_class if per_class != 1 else len(x0)
+    viz.save_scatter(x0, path) if len(shape) == 1 else viz.save_grid(x0, path, nrow=nrow)
