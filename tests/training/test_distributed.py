@@ -33,17 +33,31 @@ def endless_gloo_run(out, *, ckpt_every: int) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
-    pytest.importorskip("torch.distributed.run")
+def launcher(name: str) -> list[str]:
+    """The command that starts two CPU processes: torchrun, or accelerate launch the way that works
+    on a CPU (without --multi_gpu, accelerate starts one process; README, "Many GPUs")."""
+    if name == "torchrun":
+        pytest.importorskip("torch.distributed.run")
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    pytest.importorskip("accelerate", reason="accelerate is not installed (an optional launcher)")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_gloo_ranks_match_one_process(tmp_path, launch):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     steps, batch = 3, 8
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
-           "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    cmd = launcher(launch) + ["-m", "ddpm", "train", "--preset", "tiny", "--no-progress",
+                              "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu", "--out",
+                              str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes (gloo)" in proc.stdout and proc.stdout.count("run finished") == 1  # rank 0 speaks
 
     config = get_preset("tiny").override(**{"train.steps": steps, "train.batch_size": batch, "train.device": "cpu"})
     single = train(config, out=tmp_path / "single")
