@@ -82,8 +82,9 @@ def test_conditional_run_records_its_classes_and_loads_them(cond_run):
     run = load(cond_run)
     assert run.num_classes == 10 == run.model.num_classes and run.class_names == tuple("0123456789")
     assert "label_emb.weight" in weights(cond_run, 2)
-    # the final preview: one row per class (tiny previews 4 samples: classes 0..3, one each)
-    assert Image.open(cond_run / "samples" / "final.png").size == (2 + 30, 2 + 4 * 30)
+    # the final preview shows every class although tiny previews 4 samples: one each, laid out as one
+    # row of the 10 classes (it was a column of the first 4)
+    assert Image.open(cond_run / "samples" / "final.png").size == (2 + 10 * 30, 2 + 30)
 
 
 def test_labels_are_dropped_by_the_step_generator_after_the_unconditional_draws(tmp_path, tiny):
