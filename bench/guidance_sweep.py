@@ -10,7 +10,8 @@ scored by bench/mnist_quality.py's CNN as bench/distill_table.py scores them: pa
 Frechet distance of the CNN's penultimate features to the 10,000 MNIST test digits (FD), digit
 shares, and for a class-conditional run (labels: --num / 10 of each class, over all of which the
 FD is taken) the share classified as the class asked for, mean and lowest class. w = 1 is drawn
-once: without guidance the interval changes nothing.
+once: without guidance the interval changes nothing. --previous adds the rows of earlier sweeps
+of the same run, seeds and count (a grid refined in steps).
 
 The rule (issue 21): the recognisability figure (right class for a class-conditional run, pass
 rate otherwise) may fall at most --tolerance (2 points) below today's setting (the run's own
@@ -72,10 +73,20 @@ def sweep(args) -> dict:
     today = (s.guidance if cond else s.autoguidance,
              tuple(s.guidance_interval) if s.guidance_interval is not None else (0, T - 1))
     intervals = [parse_interval(v, T) for v in args.intervals]
-    grid = [(1.0, (0, T - 1))] + [(w, iv) for w in args.scales if w != 1 for iv in intervals]
+    grid = [(1.0, (0, T - 1))] * (1.0 in args.scales) + [(w, iv) for w in args.scales if w != 1 for iv in intervals]
     if today not in grid:
         grid.append(today)
-    rows = [measure(run, w, iv, args, args.seed) for w, iv in grid]
+    done = []  # rows of earlier sweeps of the same run, seeds and count (--previous)
+    for path in args.previous:
+        with open(path) as f:
+            old = json.load(f)
+        if (old["run"], old["args"]["seed"], old["args"]["num"]) != (str(run.path), args.seed, args.num):
+            raise UserError(f"{path} swept another run, seed or count")
+        done += [r for r in old["rows"] if (r["w"], tuple(r["interval"])) not in [(d["w"], tuple(d["interval"])) for d in done]]
+    have = [(r["w"], tuple(r["interval"])) for r in done]
+    rows = done + [measure(run, w, iv, args, args.seed) for w, iv in grid if (w, iv) not in have]
+    rows.sort(key=lambda r: (r["w"], -(r["interval"][1] - r["interval"][0]), r["interval"]))
+    grid = [(r["w"], tuple(r["interval"])) for r in rows]
     base = rows[grid.index(today)]
     floor = figure(base, cond) - args.tolerance
     eligible = [r for r in rows if figure(r, cond) >= floor - 1e-9]
@@ -115,7 +126,7 @@ def table(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a class-conditional MNIST run, or one with an autoguidance guide")
-    p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="1: unguided")
     p.add_argument("--intervals", nargs="+", default=["all", "600,999", "300,899", "0,599"],
                    help="LO,HI model timesteps, or all")
     p.add_argument("--tolerance", type=float, default=0.02)
@@ -124,6 +135,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the measurements as JSON here")
+    p.add_argument("--previous", nargs="*", default=[], help="JSON of earlier sweeps of this run: their rows are "
+                   "kept, not drawn again")
     args = p.parse_args()
     result = sweep(args)
     if args.json:
