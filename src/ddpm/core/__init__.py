@@ -10,4 +10,5 @@ Where things are:
 - ``nll``: the variational bound in bits/dim (eq. 5); ``analytic``: Analytic-DPM's variances.
 - ``noise``: counter-based per-sample Gaussian noise (an image depends on its seed alone).
 - ``device``: devices and precision (``pick_device``, autocast modes); ``shapes``: image sizes.
+- ``threads``: torch's CPU threads on a shared machine (quiet OpenMP waits, the load follower).
 """
