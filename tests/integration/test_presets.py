@@ -77,3 +77,19 @@ def test_config_choices_are_those_of_the_implementing_modules():
         SampleConfig(sampler="euler")
     with pytest.raises(ValueError, match="schedule 'quad' not allowed; choose one of linear, cosine, sqrt_linear, sqrt$"):
         DiffusionConfig(schedule="quad")
+
+
+def test_a_presets_guidance_interval_follows_another_T_unless_the_user_set_one(tmp_path):
+    # mnist guides for t in [600, 999] of T = 1000: with --timesteps 500 that would be refused (t > T - 1)
+    # for a default the user never chose, so it covers the same share of the shorter chain instead.
+    assert get_preset("mnist").sample.guidance_interval == (600, 999)
+    assert resolve_config("mnist", **{"diffusion.timesteps": 500}).sample.guidance_interval == (300, 499)
+    assert resolve_config("mnist-cond", **{"diffusion.timesteps": 100}).sample.guidance_interval == (30, 89)
+    assert resolve_config("mnist", **{"diffusion.timesteps": 500, "sample.guidance_interval": (0, 99)}
+                          ).sample.guidance_interval == (0, 99)
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"diffusion": {"timesteps": 200}}))
+    assert resolve_config("mnist", f).sample.guidance_interval == (120, 199)
+    f.write_text(json.dumps({"diffusion": {"timesteps": 200}, "sample": {"guidance_interval": [10, 20]}}))
+    assert resolve_config("mnist", f).sample.guidance_interval == (10, 20)
+    assert resolve_config("mnist").sample.guidance_interval == (600, 999)  # the preset itself is untouched
