@@ -112,6 +112,7 @@ def test_mnist_learned_is_the_mnist_recipe_with_learned_variances():
     # no autoguidance (measured on mnist alone)
     assert learned["train"].pop("guide_at") is None and base["train"].pop("guide_at") == 0.3
     assert learned["sample"].pop("autoguidance") == 1 and base["sample"].pop("autoguidance") == 3
+    assert learned["sample"].pop("guidance_interval") is None and base["sample"].pop("guidance_interval") == (600, 999)
     assert learned == base  # same network otherwise, same loss weighting, steps, time budget and previews
     assert get_preset("mnist-learned").diffusion.objective == "simple"  # L_hybrid
     with torch.device("meta"):
