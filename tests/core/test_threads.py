@@ -136,3 +136,18 @@ def test_a_thread_count_that_changes_at_every_network_call_changes_no_sample(nam
         torch.set_num_threads(before)
     assert len(calls) == 8
     assert torch.equal(fixed, flipped)
+
+
+def test_busy_seconds_counts_only_the_cores_this_process_may_use(tmp_path):
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  900 0 900 5000 0 0 0 0 0 0\n"
+                    "cpu0 100 0 50 1000 7 0 0 0 0 0\n"
+                    "cpu1 200 5 20 1000 0 1 2 3 0 0\n"
+                    "cpu2 600 0 830 3000 0 0 0 0 0 0\n"  # a core of the host we may not run on
+                    "intr 12345\n")
+    assert threads.busy_seconds(str(stat), cpus=frozenset({0, 1})) == pytest.approx((150 + 231) / hz)
+    assert threads.busy_seconds(str(stat), cpus=frozenset({2})) == pytest.approx(1430 / hz)
+    assert threads.busy_seconds(str(stat), cpus=frozenset({7})) is None  # none of ours listed
+    assert threads.busy_seconds(str(tmp_path / "missing")) is None
+    assert threads.busy_seconds() is not None  # this machine's own /proc/stat

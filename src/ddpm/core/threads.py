@@ -12,8 +12,9 @@ sample`` from 29 to 10 images/s, while one thread alone made 44 steps/s and 16 i
   result changes; an idle machine keeps its speed (bench/contention.py). A user's own
   ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
 - ``LoadFollower``: every ``every`` seconds (a clock, not a step count: at 4 s a step, 50 steps
-  are minutes) it measures the cores that *other* processes used (the machine's busy time from
-  /proc/stat less this process's CPU time, over the wall time) and sets torch's thread count:
+  are minutes) it measures the cores that *other* processes used (the busy time of the cores this
+  process may run on, from /proc/stat, less its own CPU time, over the wall time) and sets torch's
+  thread count:
   one fewer when the others use more than the cores left beside our threads plus ``DOWN``, one
   more when they use less than ``UP`` of the core it would take. The gap between the two is the
   hysteresis: a team that shrinks gives the others more CPU, so their load measured after a
@@ -54,15 +55,26 @@ def quiet_waits(environ=os.environ) -> bool:
     return True
 
 
-def busy_seconds(stat: str = "/proc/stat") -> float | None:
-    """Seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal), or None."""
+def busy_seconds(stat: str = "/proc/stat", cpus: frozenset[int] | None = None) -> float | None:
+    """Seconds the CPUs ``cpus`` (default: those this process may run on) spent busy since boot
+    (user, nice, system, irq, softirq, steal), or None. Cores outside the process's affinity are
+    left out: load there takes nothing from our threads (a container or ``taskset`` on a larger
+    machine)."""
+    cpus = frozenset(os.sched_getaffinity(0)) if cpus is None else cpus
+    total, found = 0, False
     try:
         with open(stat) as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *values = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                    continue
+                user, nice, system, _idle, _iowait, irq, softirq, steal = ([int(v) for v in values[:8]]
+                                                                          + [0] * (8 - len(values[:8])))
+                total += user + nice + system + irq + softirq + steal
+                found = True
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 class LoadFollower:
