@@ -9,7 +9,8 @@ sample`` from 29 to 10 images/s, while one thread alone made 44 steps/s and 16 i
 
 - ``quiet_waits()``: before torch loads its OpenMP runtime (the CLI's first act), idle OpenMP
   threads spin 1,000 rounds and then sleep (``GOMP_SPINCOUNT``), giving the core back. No
-  result changes; an idle machine keeps its speed (bench/contention.py). A user's own
+  result changes; idle speed moved by less than this machine's run-to-run noise (-9% for mnist
+  training, +19% for toy2d, 2% for sampling: bench/contention.py). A user's own
   ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
 - ``LoadFollower``: every ``every`` seconds (a clock, not a step count: at 4 s a step, 50 steps
   are minutes) it measures the cores that *other* processes used (the busy time of the cores this
