@@ -172,6 +172,37 @@ def test_bad_requests_write_nothing(teacher_run, tmp_path):
     assert not out.exists()
 
 
+def test_the_teachers_guidance_is_the_runs_unless_chosen_and_is_recorded(teacher_run, tmp_path):
+    from ddpm.training.distill_run import _teacher_model, distill_run
+
+    config = json.loads((teacher_run / "config.json").read_text())
+    guided = ddpm.train(ddpm.TrainConfig.from_dict(config).override(**{"train.guide_at": 0.5, "optim.warmup": 0}),
+                         out=tmp_path / "guided")  # (the guide is kept in the decay phase: no warm-up)
+    kw = dict(steps=2, teacher_steps=4, iters_per_round=1, batch_size=8, progress=False)
+    plain = ddpm.load(distill_run(guided, out=tmp_path / "default", **kw)).config.distill
+    assert (plain.teacher_guidance, plain.teacher_autoguidance, plain.teacher_guidance_interval) == (1.0, 1.0, None)
+    out = distill_run(guided, out=tmp_path / "chosen", autoguidance=2.0, guidance_interval=(60, 99), **kw)
+    d = ddpm.load(out).config.distill
+    assert (d.teacher_guidance, d.teacher_autoguidance, d.teacher_guidance_interval) == (1.0, 2.0, (60, 99))
+    # the teacher it distilled: guide + 2 (model - guide) inside [60, 99], the model alone below
+    run = ddpm.load(guided, fast=False)
+    teacher, x = _teacher_model(run, d), torch.randn(5, 2)
+    with torch.no_grad():
+        for t, w in ((80, 2.0), (30, 1.0)):
+            tt = torch.full((5,), t)
+            model, guide = run.model(x, tt), run.guide(x, tt)
+            torch.testing.assert_close(teacher(x, tt), guide + w * (model - guide))
+    # refused, nothing written: a scale the teacher cannot take, a bad interval, a distilled teacher
+    for path, choice, match in ((teacher_run, dict(autoguidance=2.0), "needs the run's guide network"),
+                                (guided, dict(guidance=2.0), "needs a class-conditional teacher"),
+                                (guided, dict(guidance_interval=(10, 1000)), "t_hi <= 999"),
+                                (out, dict(guidance_interval="all", teacher_steps=None), "guidance baked in")):
+        with pytest.raises(UserError, match=match) as info:
+            distill_run(path, out=tmp_path / "never", **{**kw, "steps": 1, **choice})
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     import argparse
 
@@ -195,3 +226,7 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "distilled for 2 deterministic DDIM steps" in err and "\n" not in err
     assert not (tmp_path / "y.png").exists()
+    assert main(["distill", str(teacher_run), "--steps", "2", "--guidance", "2", "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--guidance 2 needs a class-conditional teacher" in err and "\n" not in err
+    assert not (tmp_path / "z").exists()

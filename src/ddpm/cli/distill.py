@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import positive
+from .options import finite, interval, positive
 from .common import write_run_report
 
 EXAMPLES = """examples:
@@ -23,7 +23,8 @@ def add_parser(subparsers, formatter_class) -> None:
     d = subparsers.add_parser("distill", help="distil a trained run into a few-step sampler (progressive distillation)",
                               formatter_class=formatter_class, epilog=EXAMPLES,
                               description="Progressive distillation (Salimans & Ho 2022): each round halves the "
-                                          "DDIM steps, with the run's default guidance baked in.")
+                                          "DDIM steps, with the run's default guidance (or the one chosen here) "
+                                          "baked in.")
     d.set_defaults(func=cmd_distill)
     d.add_argument("run", help="a finished run directory (of `ddpm train` or `ddpm distill`)")
     d.add_argument("--steps", type=positive, required=True, help="sampling steps of the student (see the grid rule)")
@@ -41,6 +42,13 @@ def add_parser(subparsers, formatter_class) -> None:
     d.add_argument("--match-round", action="store_true", help="a first round on the teacher's own grid in which "
                    "one student step learns one guided teacher step (Meng et al. 2023, stage one); measured on the "
                    "mnist run it cost a round and did not help (docs/distillation.md)")
+    d.add_argument("--guidance", type=finite, default=None, help="class-conditional teachers: the classifier-free "
+                   "guidance scale baked into the student (default: the run's sample.guidance)")
+    d.add_argument("--autoguidance", type=finite, default=None, metavar="W", help="teachers that kept a guide: the "
+                   "autoguidance scale baked in, 1 = off (default: the run's sample.autoguidance)")
+    d.add_argument("--guidance-interval", type=interval, default=None, metavar="LO,HI", help="guide the teacher "
+                   "only at model timesteps in [LO, HI]; 'all' = every step (default: the run's "
+                   "sample.guidance_interval)")
     d.add_argument("--resume", action="store_true", help="continue the distillation in --out")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -57,7 +65,9 @@ def cmd_distill(args) -> int:
     out = distill_run(args.run, steps=args.steps, out=args.out, teacher_steps=args.teacher_steps,
                       iters_per_round=args.iters_per_round, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_minutes=args.max_minutes, resume=args.resume, progress=args.progress,
-                      ckpt_every=args.ckpt_every, device=args.device, match_round=args.match_round)
+                      ckpt_every=args.ckpt_every, device=args.device, match_round=args.match_round,
+                      guidance=args.guidance, autoguidance=args.autoguidance,
+                      guidance_interval=args.guidance_interval)
     print(f"ddpm: distilled {args.run} into {args.steps} steps in {out}; sample it with `ddpm sample {out} --out x.png`")
     write_run_report(out)
     return 0

@@ -36,7 +36,7 @@ from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_s
     save_checkpoint
 from ..io.files import RunLock, atomic_write_text, open_append, sweep_temporaries
 from ..io.run import LoadedRun, load
-from ..sampling.guidance import autoguided_model, guided_model, interval_model
+from ..sampling.guidance import autoguided_model, check_guidance, check_interval, guided_model, interval_model
 from . import guards
 from .budget import TimeBudget
 from .data import get_batch, open_training_data
@@ -66,7 +66,8 @@ def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = Non
                 iters_per_round: int = 500, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
                 max_minutes: float | None = None, resume: bool = False, progress: bool = True,
                 ckpt_every: int = 0, log_every: int = 50, stop_at: int | None = None,
-                device: str = "auto", match_round: bool = False) -> Path:
+                device: str = "auto", match_round: bool = False, guidance: float | None = None,
+                autoguidance: float | None = None, guidance_interval: tuple[int, int] | str | None = None) -> Path:
     """Distil the finished run ``teacher`` into ``steps`` DDIM steps in run directory ``out``.
 
     Nothing is written when the request is refused (a one-line UserError): ``teacher`` not a
@@ -75,11 +76,17 @@ def distill_run(teacher: str | Path, *, steps: int, out: str | Path | None = Non
     checkpoints without ``resume``. ``stop_at`` stops (with a checkpoint) after that many
     iterations in all, as a signal would, but returns ``out`` instead of raising. ``match_round``
     (a trained teacher only) adds the first round of ``ddpm.training.distill``'s module docstring.
+
+    The guidance baked into the student is the teacher run's default sampling guidance, as
+    ``ddpm sample RUN`` draws it, unless ``guidance`` (classifier-free scale), ``autoguidance`` or
+    ``guidance_interval`` ((t_lo, t_hi), or ``"all"`` for every step) say otherwise: a trained
+    teacher only, since a distilled one has its teacher's guidance baked in already.
     """
     device = pick_device(device)
     teacher_run = _finished_run(Path(teacher), device)
     config, plan = _student_config(teacher_run, Path(teacher), steps, teacher_steps, iters_per_round, batch_size,
-                                   lr, seed, max_minutes, ckpt_every, log_every, match_round)
+                                   lr, seed, max_minutes, ckpt_every, log_every, match_round,
+                                   (guidance, autoguidance, guidance_interval))
     out = Path(out) if out is not None else Path("runs") / config.name
     if resume and not (out / "config.json").is_file():
         raise UserError(f"--resume: {out} holds no distillation (no config.json); leave out --resume to start one")
@@ -120,8 +127,41 @@ def _finished_run(path: Path, device: torch.device) -> LoadedRun:
     return load(path, device=device, fast=False)
 
 
+def _teacher_guidance(run: LoadedRun, path: Path, guidance, autoguidance, interval) -> tuple[float, float, tuple | None]:
+    """(classifier-free scale, autoguidance scale, interval) of the first round's teacher: the
+    run's sampling defaults (``ddpm sample``'s), or what the caller chose, checked as sampling checks them."""
+    c, T = run.config, run.schedule.num_timesteps
+    if c.distill is not None:
+        if (guidance, autoguidance, interval) != (None, None, None):
+            raise UserError(f"{path} is distilled with its teacher's guidance baked in; --guidance, --autoguidance "
+                            f"and --guidance-interval choose the guidance of a trained teacher only")
+        return c.distill.teacher_guidance, c.distill.teacher_autoguidance, c.distill.teacher_guidance_interval
+    if guidance is not None:
+        if run.num_classes is None and guidance != 1:
+            raise UserError(f"--guidance {guidance:g} needs a class-conditional teacher; {path} has no classes")
+        try:
+            guidance = check_guidance(guidance)
+        except ValueError as exc:
+            raise UserError(f"--guidance: {exc}") from None
+    if autoguidance is not None and autoguidance != 1 and run.guide is None:
+        raise UserError(f"--autoguidance {autoguidance:g} needs the run's guide network; {path} kept none "
+                        f"(train.guide_at unset)")
+    if interval == "all":
+        interval = None
+    elif interval is not None:
+        try:
+            interval = check_interval(tuple(interval), T)
+        except ValueError as exc:
+            raise UserError(f"--guidance-interval: {exc}") from None
+    else:
+        interval = c.sample.guidance_interval
+    return (c.sample.guidance if guidance is None else guidance,
+            (c.sample.autoguidance if autoguidance is None else autoguidance) if run.guide is not None else 1.0,
+            interval)
+
+
 def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, batch_size, lr, seed, max_minutes,
-                    ckpt_every, log_every, match_round) -> tuple[TrainConfig, list[int]]:
+                    ckpt_every, log_every, match_round, guidance) -> tuple[TrainConfig, list[int]]:
     c, T = run.config, run.schedule.num_timesteps
     if c.distill is not None:  # a distilled teacher has exactly one grid: its own
         if teacher_steps not in (None, c.distill.steps):
@@ -135,15 +175,11 @@ def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, bat
     check_steps(T, teacher_steps, steps)
     match = match_round and c.distill is None  # a distilled teacher has its guidance baked in already
     plan = round_plan(teacher_steps, steps, match)
-    s = c.sample
+    w, auto, interval = _teacher_guidance(run, path, *guidance)
     distill = DistillConfig(
         teacher=str(path.resolve()), teacher_checkpoint=str(run.path.resolve()), teacher_steps=teacher_steps,
-        steps=steps, iters_per_round=iters, teacher_step=run.step,
-        teacher_guidance=s.guidance if c.distill is None else c.distill.teacher_guidance,
-        teacher_autoguidance=(s.autoguidance if run.guide is not None else 1.0) if c.distill is None
-        else c.distill.teacher_autoguidance,
-        teacher_guidance_interval=s.guidance_interval if c.distill is None else c.distill.teacher_guidance_interval,
-        match_round=match)
+        steps=steps, iters_per_round=iters, teacher_step=run.step, teacher_guidance=w, teacher_autoguidance=auto,
+        teacher_guidance_interval=interval, match_round=match)
     config = c.override(**{
         "diffusion.prediction": STUDENT_PREDICTION, "diffusion.clip_denoised": False,
         "sample.sampler": "ddim", "sample.steps": steps, "sample.eta": 0.0, "sample.guidance": 1.0,
@@ -162,13 +198,13 @@ def _resumed_config(out: Path, config: TrainConfig) -> TrainConfig:
     return saved
 
 
-def _teacher_model(run: LoadedRun):
-    """The first round's teacher: the run's EMA network with its default guidance combined,
+def _teacher_model(run: LoadedRun, d: DistillConfig):
+    """The first round's teacher: the run's EMA network with the guidance ``d`` names combined,
     ``teacher(x_t, t, labels)`` (labels None for an unconditional run)."""
     distilled = run.config.distill is not None  # then its guidance is baked in already
-    w = 1.0 if distilled else run.config.sample.guidance
-    auto = {} if distilled else run.guide_kwargs()
-    interval = None if distilled else run.config.sample.guidance_interval
+    w = 1.0 if distilled else d.teacher_guidance
+    auto = {} if distilled else run.guide_kwargs(d.teacher_autoguidance)
+    interval = None if distilled else d.teacher_guidance_interval
 
     def teacher(x, t, labels=None):
         net = guided_model(run.model, labels, w, x.shape[0], x.device)
@@ -192,7 +228,7 @@ def _loop(config: TrainConfig, plan: list[int], teacher_run: LoadedRun, out: Pat
     amp = resolve_amp(c.amp, device)
     student = build_model(config.model).to(device)
     student.load_state_dict(teacher_run.model.state_dict())  # round 1 starts from the teacher's weights
-    teacher, r, it, k, round_s = _teacher_model(teacher_run), 0, 0, 0, 0.0
+    teacher, r, it, k, round_s = _teacher_model(teacher_run, d), 0, 0, 0, 0.0
     optimizer = torch.optim.Adam(student.parameters(), lr=config.optim.lr)
     budget = TimeBudget(c.max_minutes)
     # threads follow the others' load where the clock drives the run anyway (a budget): a count that
