@@ -12,8 +12,9 @@ machine and so a worse student. What these gave: docs/distillation.md.)
 
 Rows, all on the same per-sample seeds (SEED, i), i < --num (an image depends only on its seed):
 
-- the teacher with its default sampler and guidance (what ``ddpm sample RUN`` does: for ``mnist``
-  100 ancestral steps with autoguidance, for ``mnist-cond`` 100 steps with classifier-free guidance);
+- the teacher with its default sampler and the guidance its students were distilled with (what
+  ``ddpm sample RUN`` does with that guidance: for ``mnist`` 100 ancestral steps with autoguidance,
+  for ``mnist-cond`` 100 steps with classifier-free guidance, each in its guidance interval);
 - the teacher with DDIM and with DPM-Solver++(2M) at 8 and 4 steps, same guidance (what a user can
   do without distilling);
 - each student with its own distilled step count (guidance baked in);
@@ -103,23 +104,31 @@ def measure(teacher_path: str, student_paths: list[str], args) -> dict:
     teacher = ddpm.load(teacher_path, device=args.device)
     if teacher.shape != (1, 28, 28):
         raise UserError(f"{teacher.path} is not an MNIST run (items {teacher.shape})")
-    w = teacher.config.sample.guidance if teacher.num_classes is not None else 1.0
-    preview = sampler_settings(teacher)
-    contestants = [(f"teacher, {preview.sampler} {preview.steps} steps (default)", teacher, None, None, w)]
-    for sampler in ("ddim", "dpm++2m"):
-        for steps in (8, 4):
-            contestants.append((f"teacher, {sampler} {steps} steps", teacher, sampler, steps, w))
     students = [ddpm.load(p, device=args.device) for p in student_paths]
     for s in students:
         if s.config.distill is None:
             raise UserError(f"{s.path} is not a distilled run (make one with ddpm distill)")
+    # the teacher is sampled with the guidance its students were distilled with (ddpm distill's
+    # --guidance, --autoguidance, --guidance-interval), else with the run's own defaults
+    d, T = students[0].config.distill if students else None, teacher.schedule.num_timesteps
+    s = teacher.config.sample
+    w = (s.guidance if d is None else d.teacher_guidance) if teacher.num_classes is not None else 1.0
+    guide = {"autoguidance": s.autoguidance if d is None else d.teacher_autoguidance,
+             "guidance_interval": (s.guidance_interval if d is None else d.teacher_guidance_interval) or (0, T - 1)}
+    preview = sampler_settings(teacher)
+    contestants = [(f"teacher, {preview.sampler} {preview.steps} steps (default)", teacher, None, None, w, guide)]
+    for sampler in ("ddim", "dpm++2m"):
+        for steps in (8, 4):
+            contestants.append((f"teacher, {sampler} {steps} steps", teacher, sampler, steps, w, guide))
+    for s in students:
         contestants.append((f"student, {s.config.distill.steps} step{'s' * (s.config.distill.steps > 1)}",
-                            s, None, None, 1.0))
+                            s, None, None, 1.0, {}))
     rows, spread = [], []
-    for name, run, sampler, steps, guidance in contestants:
-        rows.append(row(name, *draw(run, sampler, steps, guidance, args, args.seed)))
+    for name, run, sampler, steps, guidance, extra in contestants:
+        rows.append(row(name, *draw(run, sampler, steps, guidance, args, args.seed, **extra)))
         if run is not teacher or (sampler, steps) == ("ddim", 4):
-            again = row(name + f" (seed {args.seed + 1})", *draw(run, sampler, steps, guidance, args, args.seed + 1))
+            again = row(name + f" (seed {args.seed + 1})",
+                        *draw(run, sampler, steps, guidance, args, args.seed + 1, **extra))
             spread.append({"name": name, "pass_rate": [rows[-1]["pass_rate"], again["pass_rate"]],
                            "fd": [rows[-1]["fd"], again["fd"]]})
     x, y = _mnist("train")
@@ -127,7 +136,8 @@ def measure(teacher_path: str, student_paths: list[str], args) -> dict:
     data = row("MNIST training digits (the data)", x[pick], y[pick] if teacher.num_classes is not None else None,
                float("nan"), 0.0)
     return {"teacher": str(teacher.path), "teacher_step": teacher.step, "guidance": w,
-            "autoguidance": teacher.config.sample.autoguidance if teacher.guide is not None else None,
+            "autoguidance": guide["autoguidance"] if teacher.guide is not None else None,
+            "guidance_interval": guide["guidance_interval"],
             "students": [str(s.path) for s in students], "rows": rows, "data": data, "spread": spread,
             "args": vars(args), "threads": torch.get_num_threads()}
 
@@ -149,7 +159,11 @@ def table(result: dict) -> str:
     se = max(r["pass_se"] for r in result["rows"])
     spread = "; ".join(f"{s['name']}: pass {s['pass_rate'][0]:.1%} / {s['pass_rate'][1]:.1%}, FD "
                        f"{s['fd'][0]:.2f} / {s['fd'][1]:.2f}" for s in result["spread"])
-    lines += ["", f"Teacher {result['teacher']} (step {result['teacher_step']}); seeds ({result['args']['seed']}, i), "
+    how = [f"guidance {result['guidance']:g}"] if result["guidance"] != 1 else []
+    how += [f"autoguidance {result['autoguidance']:g}"] if result.get("autoguidance") not in (None, 1) else []
+    how = ", ".join(how) + (" for t in [{}, {}]".format(*result["guidance_interval"]) if how else "")
+    lines += ["", f"Teacher {result['teacher']} (step {result['teacher_step']}{'; ' + how if how else ''}); "
+              f"seeds ({result['args']['seed']}, i), "
               f"i < {result['data']['n']}, for every row; {result['threads']} threads, batch "
               f"{result['args']['batch_size']}. Binomial standard error of a pass rate: at most {se:.1%}. "
               f"Seed {result['args']['seed']} / {result['args']['seed'] + 1}: {spread}."]

@@ -321,3 +321,14 @@ def test_bad_input_exits_2_with_one_line(cond_run, plain_run, digits, tmp_path, 
         errors = [line for line in err.splitlines() if line.startswith("ddpm: error:")]
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, (argv, err)
         assert match is None or match in errors[0], (argv, errors[0])
+
+
+def test_a_conditional_run_distils_with_its_guidance_and_samples_by_class(cond_run, tmp_path, capsys):
+    out = tmp_path / "student"
+    code, _, err = cli(capsys, "distill", cond_run, "--steps", "1", "--teacher-steps", "2", "--iters-per-round", "2",
+                       "--guidance", "3", "--guidance-interval", "50,99", "--no-progress", "--out", out)
+    assert code == 0, err
+    d = json.loads((out / "config.json").read_text())["distill"]
+    assert (d["teacher_guidance"], d["teacher_guidance_interval"]) == (3.0, [50, 99])
+    code, stdout, err = cli(capsys, "sample", out, "--class", "7", "--num", "2", "--out", tmp_path / "sevens.png")
+    assert code == 0 and "ddim, 1 step" in stdout, err
