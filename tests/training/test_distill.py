@@ -9,6 +9,7 @@ negative control: what the distillation buys).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -221,7 +222,8 @@ def test_cli_distill_then_sample(teacher_run, tmp_path, capsys):
         < page.index("final (step 9)")
     assert f"distilled from <b>{teacher_run.resolve()}</b> (8 to <b>2</b> DDIM steps)" in page
     assert main(["sample", str(out), "--num", "8", "--out", str(tmp_path / "x.png")]) == 0
-    assert "ddim, 2 steps" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "ddim, 2 steps" in said and re.search(r"to \S*x\.png in \d+\.\d s$", said.strip())  # with its time
     assert main(["sample", str(out), "--num", "8", "--steps", "4", "--out", str(tmp_path / "y.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "distilled for 2 deterministic DDIM steps" in err and "\n" not in err

@@ -8,6 +8,7 @@ along t of the first samples (``--trajectory``, DDPM Figure 6).
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 from .common import apply_variance, load_run, sampling_conditioning
@@ -55,10 +56,12 @@ def cmd_sample(args) -> int:
     settings = sampler_settings(run, args.sampler, args.steps, args.eta)
     apply_variance(run, args.variance, used=settings.sampler == "ddpm")
     cond = sampling_conditioning(run, args, args.num)  # --class all: num = K x per class
+    started = time.perf_counter()
     result = sample_batches(run, cond.num, settings, seed=args.seed, batch_size=args.batch_size, device=device,
                             progress=args.progress, return_trajectory=bool(args.trajectory), labels=cond.labels,
                             guidance=cond.guidance, autoguidance=cond.autoguidance,
                             guidance_interval=cond.guidance_interval or (0, run.schedule.num_timesteps - 1))
+    seconds = time.perf_counter() - started
     x0, trajectory = result if args.trajectory else (result, None)
     shape = run.shape
     if out.suffix.lower() == ".npz":
@@ -85,5 +88,5 @@ def cmd_sample(args) -> int:
     variance = f", variance {run.sample_kwargs.get('variance')}" if settings.sampler == "ddpm" else ""
     print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} step{'s' * (settings.steps != 1)}"
           f"{variance}{cond.describe()}{guided}, "
-          f"{run.path}) to {out}")
+          f"{run.path}) to {out} in {seconds:.1f} s")
     return 0
