@@ -28,7 +28,7 @@ bench/mnist_quality.py (pass rate, Frechet distance in the classifier's features
 - the same U-Net with diffusers' ``DPMSolverMultistepScheduler`` at 20 steps, float32 and under
   bf16 autocast (diffusers' fastest setting on this CPU).
 
-    python bench/end_to_end.py runs/mnist --student runs/mnist-d4 --reps 1
+    python bench/end_to_end.py runs/mnist --student runs/mnist-4 --reps 1
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Lay PNG grids side by side with a white gap, for figures that compare samplers on the same seeds.
 
     ddpm sample runs/mnist --num 100 --seed 0 --out teacher.png          # 200 network calls per image
-    ddpm sample runs/mnist-d4 --num 100 --seed 0 --out student.png       # 4
+    ddpm sample runs/mnist-4 --num 100 --seed 0 --out student.png       # 4
     python bench/side_by_side.py teacher.png student.png --out docs/mnist_distilled.png
 """
 

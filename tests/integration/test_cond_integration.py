@@ -332,3 +332,4 @@ def test_a_conditional_run_distils_with_its_guidance_and_samples_by_class(cond_r
     assert (d["teacher_guidance"], d["teacher_guidance_interval"]) == (3.0, [50, 99])
     code, stdout, err = cli(capsys, "sample", out, "--class", "7", "--num", "2", "--out", tmp_path / "sevens.png")
     assert code == 0 and "ddim, 1 step" in stdout, err
+    assert "the teacher's guidance 3 for t in [50, 99] distilled in" in stdout  # what its one call carries

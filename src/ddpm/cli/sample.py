@@ -86,6 +86,13 @@ def cmd_sample(args) -> int:
         guided += " for t in [{}, {}]".format(*cond.guidance_interval)
     # the ancestral sampler's sigma_t^2 (the run's, or --variance), which changes what it draws
     variance = f", variance {run.sample_kwargs.get('variance')}" if settings.sampler == "ddpm" else ""
+    d = run.config.distill
+    if d is not None:  # what a distilled run's one call per step carries: its teacher's guidance
+        baked = [f"guidance {d.teacher_guidance:g}"] if d.teacher_guidance != 1 else []
+        baked += [f"autoguidance {d.teacher_autoguidance:g}"] if d.teacher_autoguidance != 1 else []
+        if baked and d.teacher_guidance_interval is not None:
+            baked[-1] += " for t in [{}, {}]".format(*d.teacher_guidance_interval)
+        guided += f", the teacher's {' and '.join(baked)} distilled in" if baked else ""
     print(f"ddpm: wrote {cond.num} samples ({settings.sampler}, {settings.steps} step{'s' * (settings.steps != 1)}"
           f"{variance}{cond.describe()}{guided}, "
           f"{run.path}) to {out} in {seconds:.1f} s")
