@@ -333,3 +333,21 @@ def test_a_conditional_run_distils_with_its_guidance_and_samples_by_class(cond_r
     code, stdout, err = cli(capsys, "sample", out, "--class", "7", "--num", "2", "--out", tmp_path / "sevens.png")
     assert code == 0 and "ddim, 1 step" in stdout, err
     assert "the teacher's guidance 3 for t in [50, 99] distilled in" in stdout  # what its one call carries
+
+
+def test_inpaint_and_interpolate_follow_the_machines_load(cond_run, digits, tmp_path, capsys, monkeypatch):
+    from ddpm.core import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (a count the user fixed is never followed)
+    seen = []
+    monkeypatch.setattr(threads, "tick", lambda: seen.append(threads.current()))
+    before = torch.get_num_threads()
+    code, _, err = cli(capsys, "inpaint", cond_run, "--image", digits["a"], "--mask", digits["mask"], "--steps", "4",
+                       "--resample", "1", "--out", tmp_path / "filled.png")
+    assert code == 0, err
+    assert len(seen) >= 4 and all(f is not None for f in seen)  # a follower, asked at every network call
+    seen.clear()
+    code, _, err = cli(capsys, "interpolate", cond_run, digits["a"], digits["b"], "--frames", "3", "--steps", "4",
+                       "--out", tmp_path / "slerp.png")
+    assert code == 0 and len(seen) >= 4 and all(f is not None for f in seen), err
+    assert threads.current() is None and torch.get_num_threads() == before

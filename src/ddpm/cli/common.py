@@ -19,6 +19,7 @@ User mistakes raise ``UserError``; ``ddpm.cli.main`` prints ``ddpm: error: <one 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,26 @@ def read_run_image(path: str, run, flag: str):
         raise UserError(f"{flag} {path} is {image.size[0]}x{image.size[1]} (WxH) but the run makes {W}x{H} images")
     pixels = np.asarray(image, dtype=np.uint8).reshape(H, W, C).transpose(2, 0, 1)
     return to_unit_range(torch.from_numpy(pixels.copy()))
+
+
+@contextlib.contextmanager
+def following_load(run, device):
+    """Inside the block the run's networks follow the machine's load (``ddpm.core.threads``: the
+    thread count is re-measured on its clock at each network call), as ``sample_batches`` does for
+    sampling; for the editing commands, whose samplers call the network themselves. A thread count
+    changes no result (tests/core/test_threads.py)."""
+    import torch
+
+    from ..core import threads
+
+    nets = [n for n in (run.model, getattr(run, "guide", None)) if isinstance(n, torch.nn.Module)]
+    with threads.follow_load(device=device):
+        handles = [n.register_forward_pre_hook(lambda module, args: threads.tick()) for n in nets]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def model_options(run) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import editing_conditioning, label_text, model_options, open_image_run, read_run_image
+from .common import editing_conditioning, following_load, label_text, model_options, open_image_run, read_run_image
 from .options import add_class_args, add_model_args, positive
 from ..errors import UserError
 
@@ -59,9 +59,11 @@ def cmd_inpaint(args) -> int:
     # Ancestral steps: the run's preview steps when it previews with ddpm, else all T.
     steps = sampler_settings(run, "ddpm", args.steps).steps
     batch = known.expand(args.num, *known.shape).to(device)
-    x = inpaint(run.model, run.schedule, batch, (~generate).to(device), resample=args.resample, jump=args.jump,
-                steps=steps, labels=label, guidance=guidance, generator=per_sample_seeds(args.seed, args.num, device=device),
-                progress=bool(args.progress), **model_options(run))
+    with following_load(run, device):
+        x = inpaint(run.model, run.schedule, batch, (~generate).to(device), resample=args.resample, jump=args.jump,
+                    steps=steps, labels=label, guidance=guidance,
+                    generator=per_sample_seeds(args.seed, args.num, device=device), progress=bool(args.progress),
+                    **model_options(run))
     # One completion is written as an image of the input's size (no border), several side by side.
     save_grid(x.float().cpu(), out, nrow=args.num, padding=0 if args.num == 1 else 2)
     kept = int((~generate).sum())

@@ -5,7 +5,7 @@ noised to one timestep, mixed and denoised (DDPM Figure 8).
 
 from __future__ import annotations
 
-from .common import editing_conditioning, label_text, model_options, open_image_run, read_run_image
+from .common import editing_conditioning, following_load, label_text, model_options, open_image_run, read_run_image
 from .options import add_class_args, add_model_args, frames, positive
 from ..errors import UserError
 
@@ -50,9 +50,10 @@ def cmd_interpolate(args) -> int:
     label, guidance = editing_conditioning(run, args)
     if args.method == "slerp" and args.t is not None:
         raise UserError("--t is the noising timestep of --method noised; slerp inverts to x_T")
-    strip = interpolate(run.model, run.schedule, x_a, x_b, frames=args.frames, method=args.method, t=args.t,
-                        steps=args.steps, labels=label, guidance=guidance, generator=args.seed,
-                        progress=bool(args.progress), **model_options(run))
+    with following_load(run, device):
+        strip = interpolate(run.model, run.schedule, x_a, x_b, frames=args.frames, method=args.method, t=args.t,
+                            steps=args.steps, labels=label, guidance=guidance, generator=args.seed,
+                            progress=bool(args.progress), **model_options(run))
     save_grid(strip.float().cpu(), out, nrow=args.frames)
     how = "DDIM-inverted latents, slerp" if args.method == "slerp" else \
         f"noised to t={run.schedule.num_timesteps // 2 if args.t is None else args.t}, Fig. 8"
