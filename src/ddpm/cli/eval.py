@@ -9,14 +9,13 @@ or the sample file.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 from pathlib import Path
 
 from .common import apply_variance, data_spec, load_run, resolve_device, sampling_conditioning
 from .options import add_amp_arg, add_model_args, add_sampling_args, add_variance_arg, positive, show_help
 from ..errors import UserError
-from ..io.files import atomic_write, own_dir
+from ..io.files import atomic_write_npz, own_dir
 
 # the example lines of each command, shown by it and all together by `ddpm eval --help`
 FID_EXAMPLES = """\
@@ -185,9 +184,7 @@ def cmd_fid(args) -> int:
         extra = {**_run_fields(args, args.source, run, settings), **_cond_fields(args, cond)}
         if not args.no_save_samples:
             samples_path = eval_dir / f"samples-{tag}.npz"
-            buffer = io.BytesIO()
-            np.savez(buffer, images=images)
-            atomic_write(samples_path, buffer.getvalue())  # replaces a link there, never writes through it
+            atomic_write_npz(samples_path, compressed=False, images=images)  # replaces a link there, never through it
             extra["samples_file"] = str(samples_path)
         default_out = None if eval_dir is None else eval_dir / f"fid-{tag}-{_slug(args.ref)}.json"
     elif src.is_file() and src.suffix == ".npz":

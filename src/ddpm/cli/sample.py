@@ -7,14 +7,13 @@ along t of the first samples (``--trajectory``, DDPM Figure 6).
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
 from .common import apply_variance, load_run, sampling_conditioning
 from .options import add_sampling_args, positive
 from ..errors import UserError
-from ..io.files import atomic_write
+from ..io.files import atomic_write_npz
 
 EXAMPLES = """examples:
   ddpm sample runs/mnist-20250101-120000 --num 64 --out digits.png
@@ -43,7 +42,6 @@ def add_parser(subparsers, formatter_class) -> None:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
     import torch
 
     from ..evaluation import viz
@@ -70,9 +68,7 @@ def cmd_sample(args) -> int:
         arrays = {"images": images} if images is not None else {"points": x0.numpy()}
         if cond.labels is not None:
             arrays["labels"] = cond.labels.numpy()  # label i of sample i
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        atomic_write(out, buffer.getvalue())  # as the PNG grids: whole or not at all, never through a link
+        atomic_write_npz(out, **arrays)  # as the PNG grids: whole or not at all, never through a link
     elif len(shape) == 3:
         viz.save_grid(x0, out, nrow=cond.per_class)  # --class all: one row per class
     else:

@@ -189,6 +189,18 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_write_npz(path: str | os.PathLike, *, compressed: bool = True, **arrays) -> Path:
+    """``numpy.savez`` (``savez_compressed`` when ``compressed``) of ``arrays`` written as
+    ``atomic_write`` writes: whole or not at all, never through a link."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return atomic_write(path, buffer.getvalue())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``atomic_write`` of ``text`` in UTF-8."""
     return atomic_write(path, text.encode("utf-8"))
