@@ -31,7 +31,7 @@ def add_parser(subparsers, formatter_class) -> None:
     d.add_argument("--out", help="run directory of the student (default: runs/NAME-distillSTEPS)")
     d.add_argument("--teacher-steps", type=positive, help="the first teacher grid (default: see the grid rule)")
     d.add_argument("--iters-per-round", type=positive, default=500, help="optimizer steps per round (default 500: "
-                   "the default mnist run distils to 4 steps in about 15 minutes on 2 CPU cores, docs/distillation.md)")
+                   "the default mnist run distils to 4 steps in about 12 minutes on 2 CPU cores, docs/distillation.md)")
     d.add_argument("--batch-size", type=positive, help="default: the teacher run's")
     d.add_argument("--lr", type=float, help="Adam learning rate, decayed linearly to 0 in each round (default: the "
                    "teacher run's)")
