@@ -111,10 +111,10 @@ def measure(teacher_path: str, student_paths: list[str], args) -> dict:
     # the teacher is sampled with the guidance its students were distilled with (ddpm distill's
     # --guidance, --autoguidance, --guidance-interval), else with the run's own defaults
     d, T = students[0].config.distill if students else None, teacher.schedule.num_timesteps
-    s = teacher.config.sample
-    w = (s.guidance if d is None else d.teacher_guidance) if teacher.num_classes is not None else 1.0
-    guide = {"autoguidance": s.autoguidance if d is None else d.teacher_autoguidance,
-             "guidance_interval": (s.guidance_interval if d is None else d.teacher_guidance_interval) or (0, T - 1)}
+    own = teacher.config.sample
+    w = (own.guidance if d is None else d.teacher_guidance) if teacher.num_classes is not None else 1.0
+    guide = {"autoguidance": own.autoguidance if d is None else d.teacher_autoguidance,
+             "guidance_interval": (own.guidance_interval if d is None else d.teacher_guidance_interval) or (0, T - 1)}
     preview = sampler_settings(teacher)
     contestants = [(f"teacher, {preview.sampler} {preview.steps} steps (default)", teacher, None, None, w, guide)]
     for sampler in ("ddim", "dpm++2m"):

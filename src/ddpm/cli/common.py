@@ -260,22 +260,23 @@ def read_run_image(path: str, run, flag: str):
 
 @contextlib.contextmanager
 def following_load(run, device):
-    """Inside the block the run's networks follow the machine's load (``ddpm.core.threads``: the
+    """Inside the block the run's network follows the machine's load (``ddpm.core.threads``: the
     thread count is re-measured on its clock at each network call), as ``sample_batches`` does for
-    sampling; for the editing commands, whose samplers call the network themselves. A thread count
-    changes no result (tests/core/test_threads.py)."""
+    sampling; for the editing commands, whose samplers call the network themselves (never the
+    guide). A thread count changes no result (tests/core/test_threads.py)."""
     import torch
 
     from ..core import threads
 
-    nets = [n for n in (run.model, getattr(run, "guide", None)) if isinstance(n, torch.nn.Module)]
     with threads.follow_load(device=device):
-        handles = [n.register_forward_pre_hook(lambda module, args: threads.tick()) for n in nets]
+        hook = None
+        if isinstance(run.model, torch.nn.Module):
+            hook = run.model.register_forward_pre_hook(lambda module, args: threads.tick())
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            if hook is not None:
+                hook.remove()
 
 
 def model_options(run) -> dict:
