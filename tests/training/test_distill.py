@@ -196,7 +196,8 @@ def test_the_teachers_guidance_is_the_runs_unless_chosen_and_is_recorded(teacher
     # refused, nothing written: a scale the teacher cannot take, a bad interval, a distilled teacher
     for path, choice, match in ((teacher_run, dict(autoguidance=2.0), "needs the run's guide network"),
                                 (guided, dict(guidance=2.0), "needs a class-conditional teacher"),
-                                (guided, dict(guidance_interval=(10, 1000)), "t_hi <= 999"),
+                                (guided, dict(guidance_interval=(10, 1000)), "goes past the last timestep T - 1 = 999"),
+                                (guided, dict(guidance_interval=(600, 500)), "t_lo <= t_hi"),
                                 (out, dict(guidance_interval="all", teacher_steps=None), "guidance baked in")):
         with pytest.raises(UserError, match=match) as info:
             distill_run(path, out=tmp_path / "never", **{**kw, "steps": 1, **choice})

@@ -188,14 +188,10 @@ def sampling_conditioning(run, args, num: int) -> Conditioning:
 
 def _interval(run, args) -> tuple[int, int] | None:
     """--guidance-interval (``all``: every step), else the run's ``sample.guidance_interval``."""
-    given, T = getattr(args, "guidance_interval", None), run.schedule.num_timesteps
-    if given == "all":
-        return None
-    if given is None:
-        return run.config.sample.guidance_interval
-    if given[1] > T - 1:
-        raise UserError(f"--guidance-interval {given[0]},{given[1]} goes past the last timestep T - 1 = {T - 1}")
-    return given
+    from ..sampling.guidance import resolve_interval
+
+    return resolve_interval(getattr(args, "guidance_interval", None), run.config.sample.guidance_interval,
+                            run.schedule.num_timesteps)
 
 
 def editing_conditioning(run, args) -> tuple[int | None, float]:

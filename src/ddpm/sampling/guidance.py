@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..nets.unet import batch_labels
 
 Model = Callable[..., torch.Tensor]
@@ -122,6 +123,22 @@ def check_interval(interval, T: int) -> tuple[int, int] | None:
         raise ValueError(f"guidance_interval must be two model timesteps (t_lo, t_hi) with 0 <= t_lo <= t_hi <= "
                          f"{T - 1} (T - 1), got {interval!r}")
     return int(interval[0]), int(interval[1])
+
+
+def resolve_interval(given, default: tuple[int, int] | None, T: int) -> tuple[int, int] | None:
+    """A ``--guidance-interval`` request: ``"all"`` is every step (None), None the run's ``default``,
+    else (t_lo, t_hi), refused with a one-line UserError unless 0 <= t_lo <= t_hi <= T - 1."""
+    if given == "all":
+        return None
+    if given is None:
+        return default
+    lo, hi = given
+    if hi > T - 1:
+        raise UserError(f"--guidance-interval {lo},{hi} goes past the last timestep T - 1 = {T - 1}")
+    try:
+        return check_interval(tuple(given), T)
+    except ValueError as exc:
+        raise UserError(f"--guidance-interval: {exc}") from None
 
 
 def interval_model(guided: Model, unguided: Model, interval: tuple[int, int]) -> Model:

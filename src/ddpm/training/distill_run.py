@@ -36,7 +36,7 @@ from ..io.checkpoint import latest_verified_checkpoint, list_checkpoints, read_s
     save_checkpoint
 from ..io.files import RunLock, atomic_write_text, open_append, sweep_temporaries
 from ..io.run import LoadedRun, load
-from ..sampling.guidance import autoguided_model, check_guidance, check_interval, guided_model, interval_model
+from ..sampling.guidance import autoguided_model, check_guidance, guided_model, interval_model, resolve_interval
 from . import guards
 from .budget import TimeBudget
 from .data import get_batch, open_training_data
@@ -130,7 +130,7 @@ def _finished_run(path: Path, device: torch.device) -> LoadedRun:
 def _teacher_guidance(run: LoadedRun, path: Path, guidance, autoguidance, interval) -> tuple[float, float, tuple | None]:
     """(classifier-free scale, autoguidance scale, interval) of the first round's teacher: the
     run's sampling defaults (``ddpm sample``'s), or what the caller chose, checked as sampling checks them."""
-    c, T = run.config, run.schedule.num_timesteps
+    c = run.config
     if c.distill is not None:
         if (guidance, autoguidance, interval) != (None, None, None):
             raise UserError(f"{path} is distilled with its teacher's guidance baked in; --guidance, --autoguidance "
@@ -146,18 +146,9 @@ def _teacher_guidance(run: LoadedRun, path: Path, guidance, autoguidance, interv
     if autoguidance is not None and autoguidance != 1 and run.guide is None:
         raise UserError(f"--autoguidance {autoguidance:g} needs the run's guide network; {path} kept none "
                         f"(train.guide_at unset)")
-    if interval == "all":
-        interval = None
-    elif interval is not None:
-        try:
-            interval = check_interval(tuple(interval), T)
-        except ValueError as exc:
-            raise UserError(f"--guidance-interval: {exc}") from None
-    else:
-        interval = c.sample.guidance_interval
     return (c.sample.guidance if guidance is None else guidance,
             (c.sample.autoguidance if autoguidance is None else autoguidance) if run.guide is not None else 1.0,
-            interval)
+            resolve_interval(interval, c.sample.guidance_interval, run.schedule.num_timesteps))
 
 
 def _student_config(run: LoadedRun, path: Path, steps, teacher_steps, iters, batch_size, lr, seed, max_minutes,
